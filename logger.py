@@ -1,0 +1,618 @@
+#!/usr/bin/env python3
+"""Compare timed training logs the way speedrunners do, and keep the records tables current.
+
+Reads the logs train_gpt.py writes (logs/<run_id>.txt) and plain modded-nanogpt logs:
+
+    python logger.py summary logs/
+    python logger.py compare --target 3.28 records/8xH100_FineWeb/2026-11-22_MoE8/
+    python logger.py plot --target 3.28 --out-dir plots logs/a.txt logs/b.txt
+    python logger.py records --write README.md
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# Parsing one log
+
+SEPARATOR = re.compile(r"^={20,}\s*$")
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
+MOE_LINE = re.compile(r"^moe\s+(.*)$")
+JSON_LINE = re.compile(r"^(run|config):\s+(\{.*)$")
+PEAK_LINE = re.compile(r"^peak memory (?:allocated|consumption):\s+(\d+) MiB")
+FIELD = re.compile(r"(\w+):(\S+)")
+# nvidia-smi prints the date ("Sat Nov 16 01:23:45 2024") and one row per GPU ("|   0  NVIDIA H100 ...")
+SMI_DATE = re.compile(r"^\w{3} \w{3} +\d{1,2} \d\d:\d\d:\d\d \d{4}\s*$")
+SMI_GPU = re.compile(r"^\|\s+(\d+)\s+NVIDIA ")
+
+
+class LogError(Exception):
+    pass
+
+
+@dataclass
+class ValPoint:
+    step: int
+    time_ms: float
+    loss: float
+
+
+@dataclass
+class Run:
+    path: Path
+    run_id: str
+    date: str | None
+    code_sha: str | None
+    config: dict | None
+    gpus: int | None
+    num_iterations: int | None
+    last_step: int
+    train_time_ms: float
+    step_avg_ms: float
+    val: list[ValPoint]
+    moe: dict[int, dict[int, dict[str, float]]]  # step -> layer -> {"load_max": ..., ...}
+    peak_mib: int | None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.val) and self.val[-1].step == self.num_iterations and self.peak_mib is not None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.val[-1].loss if self.val else None
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        return (self.config or {}).get("train_batch_tokens")
+
+
+def milliseconds(text: str) -> float | None:
+    # a value without its "ms" suffix was cut off by a crash mid-line
+    if not text.endswith("ms"):
+        return None
+    try:
+        return float(text[:-2])
+    except ValueError:
+        return None
+
+
+def parse_log(path: Path) -> Run:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise LogError(f"{path} is not a training log (it is not text); pass a log written by train_gpt.py")
+    except OSError as error:
+        raise LogError(f"cannot read {path} ({error.strerror}); check the path")
+    separator = next((i for i, line in enumerate(lines) if SEPARATOR.match(line)), None)
+    # the log holds print(code) then print("=" * 100), so joining the lines before the bar gives the code back
+    source = "\n".join(lines[:separator]) if separator is not None else ""
+    first_body_line = separator + 1 if separator is not None else 0
+
+    info, config, val, moe = {}, None, [], {}
+    last_step, train_time_ms, step_avg_ms, total_steps = None, math.nan, math.nan, None
+    peak_mib, smi_date, smi_gpus = None, None, set()
+    for number, line in enumerate(lines[first_body_line:], start=first_body_line + 1):
+        if match := STEP_LINE.match(line):
+            fields = dict(FIELD.findall(match[3]))
+            time_ms = milliseconds(fields.get("train_time", ""))
+            if time_ms is None:
+                continue
+            step, total_steps = int(match[1]), int(match[2])
+            last_step, train_time_ms = step, time_ms
+            step_avg = milliseconds(fields.get("step_avg", ""))
+            step_avg_ms = math.nan if step_avg is None else step_avg
+            if "val_loss" in fields:
+                try:
+                    val.append(ValPoint(step, time_ms, float(fields["val_loss"])))
+                except ValueError:
+                    continue
+        elif match := MOE_LINE.match(line):
+            fields = dict(FIELD.findall(match[1]))
+            try:
+                step, layer = int(fields.pop("step")), int(fields.pop("layer"))
+                moe.setdefault(step, {})[layer] = {key: float(value) for key, value in fields.items()}
+            except (KeyError, ValueError):
+                continue
+        elif match := JSON_LINE.match(line):
+            try:
+                value = json.loads(match[2])
+            except json.JSONDecodeError as error:
+                raise LogError(f"{path}:{number}: the '{match[1]}:' line is not a valid JSON object ({error.msg}); "
+                               "repair or delete that line")
+            if match[1] == "run":
+                info = value
+            else:
+                config = value
+        elif match := PEAK_LINE.match(line):
+            peak_mib = int(match[1])
+        elif SMI_DATE.match(line):
+            try:
+                smi_date = datetime.strptime(line.strip(), "%a %b %d %H:%M:%S %Y").isoformat()
+            except ValueError:
+                continue
+        elif match := SMI_GPU.match(line):
+            smi_gpus.add(match[1])
+
+    if last_step is None and not info:
+        raise LogError(f"{path} is not a training log: it has no 'step:N/M ... train_time:...ms' lines; "
+                       "pass a log written by train_gpt.py or modded-nanogpt")
+    if not math.isfinite(step_avg_ms) and last_step:
+        step_avg_ms = train_time_ms / last_step
+    return Run(
+        path=path,
+        run_id=info.get("run_id") or path.stem,
+        date=info.get("date") or smi_date,
+        code_sha=info.get("code_sha") or (hashlib.sha256(source.encode()).hexdigest()[:12] if source else None),
+        config=config,
+        gpus=info.get("world_size") or len(smi_gpus) or None,
+        num_iterations=(config or {}).get("num_iterations") or total_steps,
+        last_step=last_step or 0,
+        train_time_ms=train_time_ms,
+        step_avg_ms=step_avg_ms,
+        val=val,
+        moe=moe,
+        peak_mib=peak_mib,
+    )
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    paths = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(path.rglob("*.txt"))
+            if not found:
+                raise LogError(f"folder {path} holds no logs (*.txt); "
+                               "pass the folder train_gpt.py writes them to (logs/)")
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(name) for name in glob.glob(pattern, recursive=True) if os.path.isfile(name))
+            if not found:
+                raise LogError(f"{pattern} matches no file; check the path or the glob")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def load_runs(patterns: list[str]) -> list[Run]:
+    return [parse_log(path) for path in expand(patterns)]
+
+
+def note(message: str) -> None:
+    print(f"logger.py: note: {message}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def fmt(value, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "-"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def fmt_mean_std(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    else:
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                 for row in [header, ["-" * width for width in widths], *rows]]
+    return "\n".join(lines)
+
+
+def heading(title: str, markdown: bool) -> str:
+    return f"### {title}" if markdown else f"{title}\n{'=' * len(title)}"
+
+
+# -----------------------------------------------------------------------------
+# summary
+
+def final_balance(run: Run) -> str:
+    if not run.moe:
+        return "-"
+    layers = run.moe[max(run.moe)].values()
+    busiest = max(layer.get("load_max", math.nan) for layer in layers)
+    idlest = min(layer.get("load_min", math.nan) for layer in layers)
+    return f"{busiest:.2f}/{idlest:.2f}"
+
+
+def summary_table(runs: list[Run], markdown: bool) -> str:
+    header = ["run", "date", "code", "experts", "top_k", "router", "gpus", "tokens/step", "steps", "val loss",
+              "train time [s]", "step avg [ms]", "tok/s/gpu", "peak mem [MiB]", "load max/min", "status"]
+    rows = []
+    for run in runs:
+        config = run.config or {}
+        tokens_per_gpu_s = None
+        if run.tokens_per_step and run.gpus and run.step_avg_ms > 0:
+            tokens_per_gpu_s = run.tokens_per_step / (run.step_avg_ms / 1000) / run.gpus
+        rows.append([
+            run.run_id,
+            run.date[:16].replace("T", " ") if run.date else "-",
+            run.code_sha or "-",
+            fmt(config.get("num_experts")),
+            fmt(config.get("top_k")),
+            fmt(config.get("router")),
+            fmt(run.gpus),
+            fmt(run.tokens_per_step, ","),
+            f"{run.last_step}/{fmt(run.num_iterations)}",
+            fmt(run.final_loss, ".4f"),
+            fmt(run.train_time_ms / 1000, ".1f"),
+            fmt(run.step_avg_ms, ".2f"),
+            fmt(tokens_per_gpu_s, ",.0f"),
+            fmt(run.peak_mib),
+            final_balance(run),
+            "complete" if run.complete else "incomplete",
+        ])
+    return render(header, rows, markdown)
+
+
+# -----------------------------------------------------------------------------
+# compare
+
+def time_to_target(run: Run, target: float) -> tuple[float, float] | None:
+    # linear interpolation between the two val points that bracket the first crossing: (train time ms, step)
+    for i, point in enumerate(run.val):
+        if point.loss <= target:
+            if i == 0:
+                return point.time_ms, point.step
+            before = run.val[i - 1]
+            fraction = (before.loss - target) / (before.loss - point.loss)
+            return (before.time_ms + fraction * (point.time_ms - before.time_ms),
+                    before.step + fraction * (point.step - before.step))
+    return None
+
+
+def p_below(losses: list[float], target: float) -> float | None:
+    from scipy import stats
+    if len(losses) < 2:
+        return None
+    return float(stats.ttest_1samp(losses, target, alternative="less").pvalue)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise LogError(f"--pattern {pattern!r} is not a valid regular expression ({error}); fix it")
+        for run in runs:
+            match = regex.search(run.path.as_posix())
+            if match is None:
+                note(f"{run.path} does not match --pattern {pattern!r}; left out")
+                continue
+            groups.setdefault(next((group for group in match.groups() if group is not None), match[0]), []).append(run)
+        if not groups:
+            raise LogError(f"no log path matches --pattern {pattern!r}; check the pattern against the paths")
+        return groups
+    if by == "folder":
+        for run in runs:
+            groups.setdefault(run.path.parent.as_posix(), []).append(run)
+        return groups
+    if by == "code":
+        for run in runs:
+            groups.setdefault(f"code {run.code_sha or '-'}", []).append(run)
+        return groups
+    # by config: runs whose configs agree except on the ignored keys (the seed) share a group,
+    # and a group is named by the keys on which the groups differ
+    reduced = [{k: v for k, v in run.config.items() if k not in ignore} if run.config is not None else None
+               for run in runs]
+    configs = [c for c in reduced if c is not None]
+    differing = sorted(key for key in {k for c in configs for k in c}
+                       if len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1)
+    for run, config in zip(runs, reduced):
+        if config is None:
+            label = f"code {run.code_sha or '-'}"
+        else:
+            label = " ".join(f"{key}={json.dumps(config.get(key))}" for key in differing) or "same config"
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def compare_report(groups: dict[str, list[Run]], target: float | None, markdown: bool) -> str:
+    baseline = next(iter(groups))
+    complete = {label: [run for run in runs if run.complete] for label, runs in groups.items()}
+    losses = {label: [run.final_loss for run in runs] for label, runs in complete.items()}
+    times = {label: [run.train_time_ms / 1000 for run in runs] for label, runs in complete.items()}
+
+    header = ["group", "runs", "val loss", "train time [s]"]
+    if target is not None:
+        header += [f"p(loss < {target})", f"reached {target}", f"time to {target} [s]"]
+    if len(groups) > 1:
+        header += ["Welch p loss", "Welch p time"]
+    rows = []
+    for label, runs in complete.items():
+        left_out = len(groups[label]) - len(runs)
+        row = [label, f"{len(runs)} (+{left_out} incomplete)" if left_out else str(len(runs)),
+               fmt_mean_std(losses[label], ".4f"), fmt_mean_std(times[label], ".2f")]
+        if target is not None:
+            reached = [hit[0] / 1000 for hit in (time_to_target(run, target) for run in runs) if hit]
+            row += [fmt_p(p_below(losses[label], target)), f"{len(reached)}/{len(runs)}", fmt_mean_std(reached, ".2f")]
+        if len(groups) > 1:
+            if label == baseline:
+                row += ["baseline", "baseline"]
+            else:
+                row += [fmt_p(welch_p(losses[label], losses[baseline])), fmt_p(welch_p(times[label], times[baseline]))]
+        rows.append(row)
+
+    notes = ["Mean ± sample std over the complete runs of each group."]
+    if target is not None:
+        notes.append(f"p(loss < {target}): one-sided t-test that the group's mean final val loss is below {target}; "
+                     f"time to {target}: train time at which val loss first reaches it, "
+                     "interpolated between val points.")
+    if len(groups) > 1:
+        notes.append(f"Welch p: two-sided Welch t-test of the group against the baseline ({baseline}).")
+    if any(not run.complete for runs in groups.values() for run in runs):
+        notes.append("Incomplete runs are listed below but left out of the statistics.")
+
+    run_header = ["group", "run", "status", "steps", "val loss", "train time [s]"]
+    if target is not None:
+        run_header += [f"time to {target} [s]", f"step to {target}"]
+    run_rows = []
+    for label, runs in groups.items():
+        for run in runs:
+            row = [label, run.run_id, "complete" if run.complete else "incomplete",
+                   f"{run.last_step}/{fmt(run.num_iterations)}", fmt(run.final_loss, ".4f"),
+                   fmt(run.train_time_ms / 1000, ".2f")]
+            if target is not None:
+                hit = time_to_target(run, target)
+                row += [fmt(hit[0] / 1000, ".2f"), fmt(hit[1], ".1f")] if hit else ["-", "-"]
+            run_rows.append(row)
+
+    return "\n\n".join([heading("Groups", markdown), render(header, rows, markdown), "\n".join(f"- {n}" for n in notes),
+                        heading("Runs", markdown), render(run_header, run_rows, markdown)])
+
+
+# -----------------------------------------------------------------------------
+# plot
+
+def file_name(run_id: str) -> str:
+    return re.sub(r"[^\w.-]", "_", run_id)
+
+
+def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+    plotted = [run for run in runs if run.val]
+    if not plotted:
+        raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the view starts at the first validation after step 0, so the differences that decide a record stay visible
+    later = [point.loss for run in plotted for point in run.val[1:]]
+    top = max((run.val[1].loss for run in plotted if len(run.val) > 1), default=None)
+    written = []
+    for axis, label, name in (("time", "train time [s]", "val_loss_vs_time.png"),
+                              ("step", "step", "val_loss_vs_step.png")):
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for run in plotted:
+            xs = [point.time_ms / 1000 if axis == "time" else point.step for point in run.val]
+            ax.plot(xs, [point.loss for point in run.val], marker=".", linewidth=1.2,
+                    label=run.run_id if run.complete else f"{run.run_id} (incomplete)")
+        if target is not None:
+            ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target}")
+        ax.set_yscale("log")
+        if top is not None:
+            ax.set_ylim(min(later + ([target] if target is not None else [])) * 0.995, top * 1.02)
+        # plain numbers at even spacing: a narrow loss range holds no power of ten to label
+        ax.yaxis.set_major_locator(MaxNLocator(10))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel(label)
+        ax.set_ylabel("val loss (log scale)")
+        ax.set_title(f"Validation loss against {label.split(' [')[0]}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    for run in runs:
+        if not run.moe:
+            continue
+        steps = sorted(run.moe)
+        layers = sorted({layer for stats in run.moe.values() for layer in stats})
+        colors = plt.cm.viridis([i / max(len(layers) - 1, 1) for i in range(len(layers))])
+        # two linear panels: an idle expert's load of 0 has no place on a log scale
+        fig, (busiest, idlest) = plt.subplots(2, 1, sharex=True, figsize=(9, 7))
+        for layer, color in zip(layers, colors):
+            at = [step for step in steps if layer in run.moe[step]]
+            busiest.plot(at, [run.moe[step][layer].get("load_max", math.nan) for step in at], color=color, marker=".",
+                         label=f"layer {layer}")
+            idlest.plot(at, [run.moe[step][layer].get("load_min", math.nan) for step in at], color=color, marker=".")
+        for ax, what in ((busiest, "busiest"), (idlest, "idlest")):
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+            ax.set_ylabel(f"{what} expert: tokens / mean")
+            ax.grid(True, alpha=0.3)
+        idlest.set_ylim(0, 1.05)
+        idlest.set_xlabel("step")
+        busiest.set_title(f"{run.run_id}: expert load per layer (1 = perfect balance)")
+        busiest.legend(fontsize="small", ncol=max(1, len(layers) // 6))
+        fig.tight_layout()
+        written.append(out_dir / f"expert_load_{file_name(run.run_id)}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+# -----------------------------------------------------------------------------
+# records
+
+RECORD_FOLDER = re.compile(r"^(\d{4}-\d{2}-\d{2})_(\S+)$")
+RECORDS_START, RECORDS_END = "<!-- records:start -->", "<!-- records:end -->"
+
+
+def record_description(readme: Path) -> str:
+    lines = [line.strip() for line in readme.read_text(encoding="utf-8").splitlines()]
+    title_at = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+    if title_at is None:
+        raise LogError(f"{readme} has no '# Title' line; start it with one naming the change")
+    title = lines[title_at][2:].strip()
+    return next((line for line in lines[title_at + 1:] if line and not line.startswith("#")), title)
+
+
+def records_tables(records_dir: Path, link_base: Path) -> str:
+    if not records_dir.is_dir():
+        raise LogError(f"records folder {records_dir} does not exist; pass --dir with the folder holding the tracks")
+    header = ["#", "time", "loss", "description", "date", "record"]
+    parts = []
+    for track in sorted(path for path in records_dir.iterdir() if path.is_dir()):
+        rows = []
+        for folder in sorted(path for path in track.iterdir() if path.is_dir()):
+            match = RECORD_FOLDER.match(folder.name)
+            if match is None:
+                raise LogError(f"{folder} is not named YYYY-MM-DD_ShortName; rename it (see records/README.md)")
+            readme = folder / "README.md"
+            if not readme.is_file():
+                raise LogError(f"{folder} has no README.md; add one saying what changed and why")
+            logs = sorted(folder.glob("*.txt"))
+            if not logs:
+                raise LogError(f"{folder} holds no logs (*.txt); copy the raw logs of the record's runs into it")
+            runs = [parse_log(log) for log in logs]
+            for run in runs:
+                if not run.complete:
+                    note(f"{run.path} is an incomplete run; left out of the record's means")
+            complete = [run for run in runs if run.complete]
+            time_min = statistics.mean(run.train_time_ms for run in complete) / 60000 if complete else None
+            loss = statistics.mean(run.final_loss for run in complete) if complete else None
+            link = Path(os.path.relpath(folder, link_base)).as_posix() + "/"
+            rows.append([str(len(rows) + 1), f"{time_min:.3f} min" if complete else "-", fmt(loss, ".4f"),
+                         record_description(readme), match[1], f"[{match[2]}]({link})"])
+        if rows:
+            parts.append(f"### {track.name}\n\n{render(header, rows, markdown=True)}")
+    if not parts:
+        raise LogError(f"{records_dir} holds no record folders (<track>/YYYY-MM-DD_ShortName/); add one first")
+    return "\n\n".join(parts)
+
+
+def write_between_markers(path: Path, content: str) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise LogError(f"cannot read {path} ({error.strerror}); pass the README that holds the records markers")
+    start, end = text.find(RECORDS_START), text.find(RECORDS_END)
+    if start < 0 or end < start:
+        raise LogError(f"{path} lacks the lines '{RECORDS_START}' then '{RECORDS_END}'; "
+                       "add them where the records tables go")
+    path.write_text(text[:start + len(RECORDS_START)] + "\n" + content + "\n" + text[end:], encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logger.py",
+        description="Summarize, compare and plot training logs of train_gpt.py (and plain modded-nanogpt logs); "
+                    "regenerate the records tables of the README.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("paths", nargs="+", metavar="LOG",
+                      help="log files, folders (searched recursively for *.txt) or quoted globs")
+
+    summary = commands.add_parser(
+        "summary", parents=[logs], help="one row per run: config, final val loss, timing, memory, expert balance",
+        description="Print one row per run: run id, date, source hash, key config, steps, final val loss, "
+                    "train time, mean step time, tokens/s per GPU, peak memory, "
+                    "final expert load (max/min over layers).")
+    summary.add_argument("--md", action="store_true", help="print a markdown table instead of plain text")
+
+    compare = commands.add_parser(
+        "compare", parents=[logs], help="group runs; mean ± std, t-tests, time to reach a target loss",
+        description="Group runs and print mean ± std of final val loss and train time, the one-sided t-test "
+                    "p-value that the mean loss is below --target, Welch's t-test of each group against the first "
+                    "(the baseline, in the order the logs are given), and per run the interpolated train time and "
+                    "step at which val loss first reaches --target. Incomplete runs are left out of the statistics.")
+    compare.add_argument("--by", choices=["config", "code", "folder"], default="config",
+                         help="group by config (all keys except --ignore), by source hash, or by folder "
+                              "(default: config)")
+    compare.add_argument("--pattern", metavar="REGEX",
+                         help="group by what REGEX matches in each log path (its first group if it has one); "
+                              "overrides --by, e.g. 'logs/(\\w+)_seed'")
+    compare.add_argument("--ignore", default="seed", metavar="KEYS",
+                         help="comma-separated config keys that do not split groups with --by config (default: seed)")
+    compare.add_argument("--target", type=float, metavar="LOSS", help="target val loss, e.g. 3.28")
+    compare.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
+
+    plot = commands.add_parser(
+        "plot", parents=[logs], help="PNG figures of val loss and expert load",
+        description="Write val_loss_vs_time.png and val_loss_vs_step.png for the runs given, and "
+                    "expert_load_<run_id>.png (per-layer busiest and idlest expert over training) for each MoE run.")
+    plot.add_argument("--out-dir", type=Path, default=Path("plots"), metavar="DIR",
+                      help="folder for the PNGs (default: plots)")
+    plot.add_argument("--target", type=float, metavar="LOSS", help="draw the target val loss as a dashed line")
+
+    records = commands.add_parser(
+        "records", help="markdown records table per track, printed or written into the README",
+        description="Scan DIR/<track>/YYYY-MM-DD_ShortName/ and print a markdown table per track (mean train time "
+                    "and mean final val loss of the record's complete logs, description from its README, date, link).")
+    records.add_argument("--dir", type=Path, default=Path("records"), help="the records folder (default: records)")
+    records.add_argument("--write", type=Path, metavar="README",
+                         help=f"replace the text between '{RECORDS_START}' and '{RECORDS_END}' in README "
+                              "instead of printing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "records":
+            tables = records_tables(args.dir, args.write.parent if args.write else args.dir.parent)
+            if args.write:
+                write_between_markers(args.write, tables)
+                print(f"wrote the records tables into {args.write}")
+            else:
+                print(tables)
+            return 0
+        runs = load_runs(args.paths)
+        if args.command == "summary":
+            print(summary_table(runs, args.md))
+        elif args.command == "compare":
+            ignore = {key.strip() for key in args.ignore.split(",") if key.strip()}
+            print(compare_report(group_runs(runs, args.by, args.pattern, ignore), args.target, args.md))
+        else:
+            for path in plot_runs(runs, args.out_dir, args.target):
+                print(f"wrote {path}")
+    except LogError as error:
+        print(f"logger.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

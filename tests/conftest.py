@@ -1,0 +1,52 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_shard(path: Path, tokens) -> Path:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
+def synthetic_tokens(n: int, seed: int) -> np.ndarray:
+    # learnable text stand-in: documents (EOT first) drawn from 16 phrases shared by every shard
+    phrases = np.random.default_rng(0).integers(0, 300, size=(16, 8))
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        out.append(50256)
+        for _ in range(rng.integers(4, 40)):
+            out.extend(phrases[rng.integers(0, 16)])
+    return np.array(out[:n])
+
+
+@pytest.fixture
+def shards(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(d / "syn_train_000001.bin", synthetic_tokens(60_000, 1))
+    write_shard(d / "syn_train_000002.bin", synthetic_tokens(60_000, 2))
+    write_shard(d / "syn_val_000000.bin", synthetic_tokens(20_000, 3))
+    return d
+
+
+def tiny_env(data: Path, out: Path, **overrides) -> dict:
+    # the README's tiny CPU configuration
+    env = dict(TRAIN_FILES=str(data / "syn_train_*.bin"), VAL_FILES=str(data / "syn_val_*.bin"),
+               NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="2", HEAD_DIM="64", MLP_HIDDEN="512",
+               NUM_VALUE_EMBEDS="1", NO_ATTN_LAYERS="2", LONG_WINDOW_LAYERS="0,3", WINDOW_MAX="256",
+               TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="512", VAL_SEQ_LEN="512", VAL_TOKENS="2048",
+               NUM_ITERATIONS="20", VAL_LOSS_EVERY="10", LOG_DIR=str(out / "logs"),
+               CHECKPOINT_DIR=str(out / "ckpt"), RUN_ID="tiny")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env

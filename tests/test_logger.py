@@ -1,0 +1,379 @@
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "logs"
+sys.path.insert(0, str(ROOT))
+import logger  # noqa: E402
+
+ACCS = [3.2806, 3.2771, 3.2829, 3.2813, 3.2789, 3.2774, 3.2798, 3.2759, 3.2794, 3.2775]
+BAR = "=" * 100
+
+
+def write_log(path: Path, val: list[tuple[int, float, float]], num_iterations: int, config: dict | None = None,
+              complete: bool = True) -> Path:
+    # a log in train_gpt.py's format; val holds (step, train_time_ms, val_loss)
+    config = {"num_iterations": num_iterations, "train_batch_tokens": 49152, "num_experts": 0, "top_k": 2,
+              "router": "softmax", "seed": 0, **(config or {})}
+    run = {"run_id": path.stem, "date": "2026-11-22T08:15:02", "world_size": 1, "device": "cpu",
+           "code_sha": "0123456789ab"}
+    lines = ["print('source')", BAR, "Running Python 3.11.7", "Running PyTorch 2.13.0+cpu compiled for CUDA None",
+             "nvidia-smi: not available", BAR, f"run: {json.dumps(run)}", f"config: {json.dumps(config)}"]
+    for step, time_ms, loss in val:
+        lines.append(f"step:{step}/{num_iterations} val_loss:{loss:.4f} train_time:{time_ms:.0f}ms "
+                     f"step_avg:{time_ms / step if step else math.nan:.2f}ms")
+    if complete:
+        lines.append("peak memory allocated: 100 MiB reserved: 120 MiB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_final_losses(folder: Path, name: str, losses: list[float], time_ms: float = 90000.0) -> list[Path]:
+    # run i takes time_ms + 100 i: real timings vary, and identical ones leave Welch's test undefined
+    return [write_log(folder / f"{name}_seed{i}.txt",
+                      [(0, 0, 10.8258), (400, time_ms / 2, 4.2), (800, time_ms + 100 * i, loss)], 800, {"seed": i})
+            for i, loss in enumerate(losses)]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = logger.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_row(markdown: str, cell: str, column: int = 0) -> list[str]:
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > column and cells[column] == cell:
+            return cells
+    raise AssertionError(f"no row with {cell!r} in column {column} of:\n{markdown}")
+
+
+def check_trainer_log(path: Path) -> logger.Run:
+    # what logger.py relies on in a log written by train_gpt.py; the CPU run test below feeds it a fresh one
+    run = logger.parse_log(path)
+    lines = path.read_text().splitlines()
+    source = "\n".join(lines[:lines.index(BAR)])
+    assert run.run_id == path.stem
+    assert run.code_sha == hashlib.sha256(source.encode()).hexdigest()[:12], "code_sha must hash the embedded source"
+    assert run.config is not None and run.gpus >= 1 and run.tokens_per_step == run.config["train_batch_tokens"]
+    assert run.complete, "a finished run must end with a val line at num_iterations and the peak memory line"
+    assert run.val[0].step == 0 and run.val[-1].step == run.num_iterations
+    assert [p.step for p in run.val] == sorted(p.step for p in run.val)
+    assert all(a.time_ms <= b.time_ms for a, b in zip(run.val, run.val[1:]))
+    assert all(math.isfinite(p.loss) for p in run.val)
+    if run.config["num_experts"]:
+        assert set(run.moe) == {p.step for p in run.val}, "every val line is followed by its moe lines"
+        assert all({"load_max", "load_min"} <= set(stats) for layers in run.moe.values() for stats in layers.values())
+    for command in (["summary"], ["summary", "--md"], ["compare", "--md", "--target", "99"]):
+        assert logger.main([*command, str(path)]) == 0
+    return run
+
+
+# -----------------------------------------------------------------------------
+# Parsing
+
+def test_parses_every_field_of_a_train_gpt_log():
+    path = FIXTURES / "moe_e8k2.txt"
+    run = logger.parse_log(path)
+    text = path.read_text()
+    assert run.run_id == "6f1c2d9e-moe-e8k2" and run.date == "2026-11-22T08:15:02" and run.gpus == 1
+    assert run.code_sha == hashlib.sha256(text[:text.index("\n" + BAR)].encode()).hexdigest()[:12]
+    assert (run.config["num_experts"], run.config["top_k"], run.config["router"]) == (8, 2, "softmax")
+    assert run.tokens_per_step == 49152
+    # the step line quoted in the embedded source is code, not a result
+    assert [(p.step, p.time_ms, p.loss) for p in run.val] == [
+        (0, 0, 10.8258), (100, 10947, 4.6549), (200, 21990, 4.3112), (300, 33080, 4.1420), (400, 44150, 4.0505)]
+    assert (run.last_step, run.num_iterations, run.train_time_ms, run.step_avg_ms) == (400, 400, 44150, 110.38)
+    assert sorted(run.moe) == [100, 200, 300, 400] and sorted(run.moe[400]) == [0, 1]
+    assert run.moe[400][0] == {"load_max": 1.53, "load_min": 0.402, "entropy": 1.9, "aux": 0.0123, "zloss": 0.0012,
+                               "dropped": 0.0}
+    assert run.peak_mib == 30822 and run.complete
+
+
+def test_a_run_that_died_mid_line_is_read_up_to_its_last_whole_line():
+    run = logger.parse_log(FIXTURES / "moe_e8k2_died.txt")
+    assert not run.complete and run.peak_mib is None
+    assert (run.last_step, run.train_time_ms, run.final_loss) == (250, 27625, 4.3112)
+
+
+def test_a_run_without_the_peak_memory_line_is_incomplete(tmp_path):
+    run = logger.parse_log(write_log(tmp_path / "r.txt", [(0, 0, 10.8), (800, 9e4, 3.3)], 800, complete=False))
+    assert run.val[-1].step == run.num_iterations and not run.complete
+
+
+def test_plain_modded_nanogpt_log():
+    run = logger.parse_log(FIXTURES / "modded_nanogpt.txt")
+    assert (run.run_id, run.config, run.tokens_per_step) == ("modded_nanogpt", None, None)
+    assert run.gpus == 8, "counted from the nvidia-smi block"
+    assert run.date == "2024-11-16T01:23:45", "taken from the nvidia-smi block"
+    assert (run.num_iterations, run.final_loss, run.train_time_ms, run.peak_mib) == (1770, 3.2784, 203512, 22135)
+    assert run.complete and not run.moe
+
+
+def test_folders_and_globs_expand_to_their_logs(tmp_path):
+    write_log(tmp_path / "a" / "x.txt", [(0, 0, 10.0)], 10)
+    write_log(tmp_path / "a" / "deep" / "y.txt", [(0, 0, 10.0)], 10)
+    (tmp_path / "a" / "notes.md").write_text("not a log")
+    assert [p.name for p in logger.expand([str(tmp_path / "a")])] == ["y.txt", "x.txt"]
+    assert [p.name for p in logger.expand([str(tmp_path / "a" / "*.txt"), str(tmp_path / "a" / "x.txt")])] == ["x.txt"]
+
+
+# -----------------------------------------------------------------------------
+# summary
+
+def test_summary_has_one_row_per_run_with_the_key_figures(capsys):
+    code, out, _ = run_cli(capsys, "summary", FIXTURES)
+    header, rule, *rows = out.splitlines()
+    assert code == 0 and header.split()[:3] == ["run", "date", "code"] and set(rule) == {"-", " "} and len(rows) == 3
+    code, md, _ = run_cli(capsys, "summary", "--md", FIXTURES)
+    header, rule, *rows = md.splitlines()
+    assert rule.count("|") == header.count("|") and all(row.count("|") == header.count("|") for row in rows)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    moe = dict(zip(columns, table_row(md, "6f1c2d9e-moe-e8k2")))
+    assert moe["code"] == logger.parse_log(FIXTURES / "moe_e8k2.txt").code_sha
+    assert [moe[c] for c in ("experts", "top_k", "router", "gpus")] == ["8", "2", "softmax", "1"]
+    assert moe["tokens/step"] == "49,152"
+    assert [moe[c] for c in ("steps", "val loss", "train time [s]")] == ["400/400", "4.0505", "44.1"]
+    assert moe["step avg [ms]"] == "110.38"
+    assert moe["tok/s/gpu"] == f"{49152 / 0.11038:,.0f}"
+    assert (moe["peak mem [MiB]"], moe["load max/min"], moe["status"]) == ("30822", "1.53/0.40", "complete")
+    died = dict(zip(columns, table_row(md, "81aa07c3-moe-e8k2-died")))
+    assert (died["steps"], died["status"], died["peak mem [MiB]"]) == ("250/400", "incomplete", "-")
+    modded = dict(zip(columns, table_row(md, "modded_nanogpt")))
+    assert [modded[c] for c in ("tokens/step", "experts", "gpus", "date")] == ["-", "-", "8", "2024-11-16 01:23"]
+
+
+# -----------------------------------------------------------------------------
+# compare: statistics and time to target
+
+def test_one_sided_p_value_matches_scipy(tmp_path, capsys):
+    expected = stats.ttest_1samp(ACCS, 3.28, alternative="less").pvalue
+    assert expected == pytest.approx(0.105089, abs=1e-6)  # what the speedrun's README snippet prints for these
+    assert logger.p_below(ACCS, 3.28) == pytest.approx(expected, rel=1e-12)
+    write_final_losses(tmp_path, "run", ACCS)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--target", "3.28", tmp_path)
+    row = table_row(out, "same config")
+    assert code == 0 and row[1] == "10"
+    assert row[2] == f"{statistics.mean(ACCS):.4f} ± {statistics.stdev(ACCS):.4f}"
+    assert row[4] == f"{expected:.4f}"
+
+
+def test_welch_p_value_matches_the_formula(tmp_path, capsys):
+    base, new = [3.2806, 3.2771, 3.2829, 3.2813, 3.2789], [3.2750, 3.2761, 3.2744, 3.2770, 3.2755]
+    va, vb = statistics.variance(base) / len(base), statistics.variance(new) / len(new)
+    t = (statistics.mean(new) - statistics.mean(base)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(base) - 1) + vb ** 2 / (len(new) - 1))  # Welch-Satterthwaite
+    expected = 2 * stats.t.sf(abs(t), df)
+    assert expected == pytest.approx(0.0070087, abs=1e-7)
+    assert logger.welch_p(new, base) == pytest.approx(expected, rel=1e-9)
+    write_final_losses(tmp_path, "base", base, time_ms=90000)
+    write_final_losses(tmp_path, "new", new, time_ms=88000)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--pattern", r"(base|new)_seed", tmp_path)
+    assert code == 0
+    assert table_row(out, "base")[-2:] == ["baseline", "baseline"]
+    assert table_row(out, "new")[-2] == f"{expected:.4f}"
+
+
+def test_groups_by_config_ignore_the_seed_and_are_named_by_what_differs(tmp_path, capsys):
+    for seed in range(2):
+        write_log(tmp_path / f"dense{seed}.txt", [(0, 0, 10.8), (800, 9e4 + seed, 3.30 + seed / 100)], 800,
+                  {"seed": seed})
+        write_log(tmp_path / f"moe{seed}.txt", [(0, 0, 10.8), (800, 8e4 + seed, 3.28 + seed / 100)], 800,
+                  {"seed": seed, "num_experts": 8})
+    code, out, _ = run_cli(capsys, "compare", "--md", tmp_path)
+    assert code == 0
+    assert table_row(out, "num_experts=0")[1:3] == ["2", "3.3050 ± 0.0071"]
+    assert table_row(out, "num_experts=8")[1:3] == ["2", "3.2850 ± 0.0071"]
+    code, out, _ = run_cli(capsys, "compare", "--md", "--ignore", "", tmp_path)
+    assert table_row(out, "num_experts=0 seed=0")[1] == "1"
+
+
+def test_incomplete_runs_are_listed_but_left_out_of_the_statistics(capsys):
+    code, out, _ = run_cli(capsys, "compare", "--md", "--by", "folder", FIXTURES)
+    assert code == 0
+    assert table_row(out, FIXTURES.as_posix())[1] == "2 (+1 incomplete)"
+    assert table_row(out, "81aa07c3-moe-e8k2-died", column=1)[2:4] == ["incomplete", "250/400"]
+
+
+def test_time_to_target_interpolates_the_first_crossing(tmp_path):
+    run = logger.parse_log(write_log(tmp_path / "r.txt", [(0, 0, 10.0), (100, 10000, 3.4), (200, 20000, 3.6),
+                                                           (300, 30000, 3.0)], 300))
+    fraction = (10.0 - 3.5) / (10.0 - 3.4)
+    assert logger.time_to_target(run, 3.5) == pytest.approx((10000 * fraction, 100 * fraction))
+    assert logger.time_to_target(run, 3.4) == (10000, 100)
+    assert logger.time_to_target(run, 3.2) == pytest.approx((20000 + 10000 * 2 / 3, 200 + 100 * 2 / 3))
+    assert logger.time_to_target(run, 2.9) is None
+
+
+def test_compare_prints_time_and_step_to_target_per_run(tmp_path, capsys):
+    write_log(tmp_path / "fast.txt", [(0, 0, 10.0), (100, 10000, 4.0), (200, 20000, 3.0)], 200)
+    write_log(tmp_path / "never.txt", [(0, 0, 10.0), (100, 10000, 4.0), (200, 20000, 3.6)], 200)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--by", "code", "--target", "3.5", tmp_path)
+    assert code == 0
+    assert table_row(out, "code 0123456789ab")[5:7] == ["1/2", "15.00"]
+    assert table_row(out, "fast", column=1)[-2:] == ["15.00", "150.0"]
+    assert table_row(out, "never", column=1)[2:] == ["complete", "200/200", "3.6000", "20.00", "-", "-"]
+
+
+# -----------------------------------------------------------------------------
+# plot
+
+def test_plots_are_valid_pngs(tmp_path, capsys):
+    import matplotlib.image
+    code, out, _ = run_cli(capsys, "plot", "--target", "4.1", "--out-dir", tmp_path, FIXTURES)
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["expert_load_6f1c2d9e-moe-e8k2.png", "expert_load_81aa07c3-moe-e8k2-died.png",
+                     "val_loss_vs_step.png", "val_loss_vs_time.png"]
+    for path in tmp_path.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 400 and width > 600
+        assert str(path) in out
+
+
+# -----------------------------------------------------------------------------
+# records
+
+RECORD_README = "# MoE 8 experts, top-2\n\nSwap the MLP for 8 experts, top-2.\n\n## Why\nBecause.\n"
+
+
+def make_records(root: Path) -> Path:
+    records = root / "records"
+    baseline = records / "8xH100_FineWeb" / "2024-11-16_Baseline"
+    baseline.mkdir(parents=True)
+    shutil.copy(FIXTURES / "modded_nanogpt.txt", baseline)
+    (baseline / "README.md").write_text("# Baseline\n")
+    moe = records / "1xH100_wikiblogs_mini" / "2026-11-22_MoE8Top2"
+    write_final_losses(moe, "run", [4.02, 4.04], time_ms=60000)
+    shutil.copy(FIXTURES / "moe_e8k2_died.txt", moe)
+    (moe / "README.md").write_text(RECORD_README)
+    (moe / "statistics.md").write_text("made by logger.py compare --md\n")
+    return records
+
+
+def test_records_table_is_written_between_the_markers(tmp_path, capsys):
+    records = make_records(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n## Records\n{logger.RECORDS_START}\nstale\n{logger.RECORDS_END}\n\n## Tests\n")
+    code, _, err = run_cli(capsys, "records", "--dir", records, "--write", readme)
+    assert code == 0 and "moe_e8k2_died.txt is an incomplete run" in err
+    text = readme.read_text()
+    assert text.startswith(f"# Project\n\n## Records\n{logger.RECORDS_START}\n### 1xH100_wikiblogs_mini\n")
+    assert text.endswith(f"\n{logger.RECORDS_END}\n\n## Tests\n") and "stale" not in text
+    # the died run is left out of the means: 1.001 min is the mean of the two complete runs, 60.0 s and 60.1 s
+    assert table_row(text, "Swap the MLP for 8 experts, top-2.", column=3) == [
+        "1", "1.001 min", "4.0300", "Swap the MLP for 8 experts, top-2.", "2026-11-22",
+        "[MoE8Top2](records/1xH100_wikiblogs_mini/2026-11-22_MoE8Top2/)"]
+    assert table_row(text, "Baseline", column=3) == [
+        "1", f"{203512 / 60000:.3f} min", "3.2784", "Baseline", "2024-11-16",
+        "[Baseline](records/8xH100_FineWeb/2024-11-16_Baseline/)"]
+    assert run_cli(capsys, "records", "--dir", records, "--write", readme)[0] == 0
+    assert readme.read_text() == text, "regenerating is idempotent"
+    code, out, _ = run_cli(capsys, "records", "--dir", records)
+    assert out.strip() == text[text.index("###"):text.index(logger.RECORDS_END)].strip()
+
+
+BASELINE = Path("8xH100_FineWeb") / "2024-11-16_Baseline"
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda records: (records / BASELINE.parent / "baseline").mkdir(), "is not named YYYY-MM-DD_ShortName"),
+    (lambda records: (records / BASELINE / "README.md").unlink(), "has no README.md"),
+    (lambda records: (records / BASELINE / "README.md").write_text("no title\n"), "has no '# Title' line"),
+    (lambda records: (records / BASELINE / "modded_nanogpt.txt").unlink(), "holds no logs"),
+    (lambda records: (records.parent / "README.md").write_text("no markers\n"), "lacks the lines"),
+])
+def test_records_errors_name_the_culprit(tmp_path, capsys, breakage, message):
+    records = make_records(tmp_path)
+    (tmp_path / "README.md").write_text(f"{logger.RECORDS_START}\n{logger.RECORDS_END}\n")
+    breakage(records)
+    code, out, err = run_cli(capsys, "records", "--dir", records, "--write", tmp_path / "README.md")
+    assert code == 1 and message in err and out == ""
+
+
+# -----------------------------------------------------------------------------
+# Command line: help, errors, lazy imports
+
+@pytest.mark.parametrize("command", ["summary", "compare", "plot", "records"])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit:
+        logger.main([command, "--help"])
+    assert exit.value.code == 0 and f"usage: logger.py {command}" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_training_log_exits_non_zero_naming_it(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("step one: buy GPUs\nrun: python train_gpt.py\n")
+    command = [sys.executable, str(ROOT / "logger.py"), "summary", str(FIXTURES / "moe_e8k2.txt"), str(bad)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"logger.py: error: {bad} is not a training log: it has no "
+                             "'step:N/M ... train_time:...ms' lines; "
+                             "pass a log written by train_gpt.py or modded-nanogpt\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00", "is not a training log (it is not text)"),
+    (f"code\n{BAR}\nconfig: {{\"num_iterations\": 8\nstep:0/8 val_loss:10.0 train_time:0ms\n".encode(),
+     "bad.txt:3: the 'config:' line is not a valid JSON object"),
+])
+def test_unreadable_logs_give_the_documented_error(tmp_path, capsys, content, message):
+    (tmp_path / "bad.txt").write_bytes(content)
+    code, out, err = run_cli(capsys, "compare", tmp_path / "bad.txt")
+    assert code == 1 and message in err and str(tmp_path / "bad.txt") in err
+
+
+def test_missing_paths_and_empty_folders_are_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert run_cli(capsys, "summary", missing)[2] == f"logger.py: error: {missing} matches no file; " \
+                                                      "check the path or the glob\n"
+    assert "holds no logs (*.txt)" in run_cli(capsys, "summary", tmp_path)[2]
+
+
+def test_scipy_and_matplotlib_are_imported_only_when_needed():
+    probe = "import logger, sys; print('scipy' in sys.modules, 'matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+# -----------------------------------------------------------------------------
+# The tiny CPU run of train_gpt.py, read back
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = 20240520, 1, len(tokens)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def test_tiny_cpu_run_of_the_trainer_is_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, count in (("train.bin", 4096), ("val.bin", 1024)):
+        tokens = rng.integers(0, 1000, count)
+        tokens[::100] = 50256  # document boundaries
+        write_shard(tmp_path / name, tokens)
+    settings = dict(TRAIN_FILES=tmp_path / "train.bin", VAL_FILES=tmp_path / "val.bin", VAL_TOKENS=128, VAL_SEQ_LEN=128,
+                    TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=128, NUM_ITERATIONS=2, VAL_LOSS_EVERY=1, NUM_LAYERS=2,
+                    MODEL_DIM=128, NUM_HEADS=2, HEAD_DIM=64, MLP_HIDDEN=256, NUM_VALUE_EMBEDS=1, NO_ATTN_LAYERS="",
+                    LONG_WINDOW_LAYERS="0", WINDOW_MAX=128, NUM_EXPERTS=4, TOP_K=2, LOG_DIR=tmp_path / "logs",
+                    RUN_ID="tiny-moe")
+    env = {**os.environ, **{key: str(value) for key, value in settings.items()}}
+    result = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = check_trainer_log(tmp_path / "logs" / "tiny-moe.txt")
+    assert run.code_sha == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()[:12]
+    assert [p.step for p in run.val] == [0, 1, 2] and sorted(run.moe[2]) == [0, 1]

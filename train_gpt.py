@@ -1,0 +1,1029 @@
+import os
+import sys
+import json
+import math
+import time
+import uuid
+import copy
+import glob
+import difflib
+import hashlib
+import datetime
+import subprocess
+from pathlib import Path
+from dataclasses import dataclass, fields, asdict
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import numpy as np
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+REPO = Path(__file__).resolve().parent
+CODE = Path(__file__).read_text()
+
+# -----------------------------------------------------------------------------
+# Hyperparameters: every field can be overridden by the environment variable of the same name in upper case
+
+@dataclass
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob; relative paths try the cwd, then the repo
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760  # first tokens of the val shards used for every validation
+    train_seq_len: int = 48 * 1024  # tokens per GPU per micro-step
+    train_batch_tokens: int = 8 * 48 * 1024  # tokens per optimizer step over all GPUs (accumulation fills the gap)
+    val_seq_len: int = 4 * 64 * 1024
+    # schedule
+    num_iterations: int = 1770
+    cooldown_frac: float = 0.4  # linear decay to 0.1x over this last fraction of training
+    val_loss_every: int = 125  # 0 = only at the end
+    window_max: int = 1792  # attention window (tokens) reached at the end of the window warmup
+    # architecture
+    vocab_size: int = 50257
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_hidden: int = 3072  # dense MLP hidden width
+    num_value_embeds: int = 3  # tables used by the first and (again) the last layers
+    no_attn_layers: str = "7"  # comma-separated layer indices without attention
+    long_window_layers: str = "0,4,7,11"  # the rest get half the window
+    fp8_head: bool = True  # FP8 lm head in training on Hopper (bf16 elsewhere and at evaluation)
+    # optimizers
+    matrix_optimizer: str = "muon"  # muon | adamw: what trains the hidden matrices (experts included)
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup: int = 300  # steps from muon_momentum_start to muon_momentum
+    ns_steps: int = 5  # Newton-Schulz iterations
+    adamw_lr: float = 0.003  # matrices, when matrix_optimizer=adamw
+    adamw_weight_decay: float = 0.0
+    head_lr: float = 0.008
+    embed_lr: float = 0.6
+    scalar_lr: float = 0.04
+    # mixture of experts
+    num_experts: int = 0  # 0 = dense MLP everywhere
+    top_k: int = 2
+    moe_layers: str = ""  # comma-separated layer indices; empty = every layer
+    expert_hidden: int = 0  # 0 = iso-FLOP with the dense MLP: mlp_hidden / top_k (x2/3 for swiglu), rounded to 128
+    expert_act: str = "relu2"  # relu2 | swiglu
+    shared_experts: int = 0  # always-on experts of width expert_hidden, added to the routed ones
+    router: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek) | noisy (noisy top-k) | soft (dense gating)
+    router_lr: float = 0.005
+    aux_loss_coef: float = 0.0  # Switch load-balancing loss E * sum_i f_i P_i
+    z_loss_coef: float = 0.0  # router z-loss mean(logsumexp(logits)^2)
+    bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: bias step per optimizer step (0 = off)
+    capacity_factor: float = 0.0  # 0 = dropless; else tokens past ceil(cf * T * k / E) per expert are dropped
+    # run
+    seed: int = 0
+    compile: bool = True  # torch.compile the model on GPU (the CPU always runs eager)
+    warmup_steps: int = 10  # untimed compile/kernel warmup steps, after which all state is restored
+    log_dir: str = "logs"
+    run_id: str = ""  # empty = a fresh uuid
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_<N>.pt
+    save_every: int = 0  # checkpoint every N steps (0 = off)
+    save_checkpoint: bool = False  # checkpoint at the end
+    resume: str = ""  # path of a checkpoint to continue from
+    profile_steps: int = 0  # trace this many steps with the PyTorch profiler (after 5 untraced ones)
+
+class ConfigError(ValueError):
+    pass
+
+# environment variables set by torchrun and friends, never mistaken for misspelt settings
+LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "NPROC", "NNODES", "NODE_RANK"}
+
+def parse_value(name: str, raw: str, kind: type):
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a{'n' if kind is int else ''} {kind.__name__}; "
+                          f"e.g. {name}={kind(Hyperparameters.__dataclass_fields__[name.lower()].default)}") from None
+
+def load_config(env: dict) -> Hyperparameters:
+    by_env = {f.name.upper(): f for f in fields(Hyperparameters)}
+    values = {}
+    for key, raw in env.items():
+        if key in by_env:
+            values[by_env[key].name] = parse_value(key, raw, by_env[key].type)
+        elif key not in LAUNCHER_VARS:
+            close = difflib.get_close_matches(key, by_env, n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"environment variable {key} is not a setting; did you mean {close[0]}?")
+    args = Hyperparameters(**values)
+    validate(args)
+    return args
+
+def layer_list(name: str, text: str, num_layers: int) -> list[int]:
+    try:
+        layers = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"{name.upper()}={text!r} must be comma-separated layer indices, e.g. 0,4,11") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{name.upper()}={text!r} names layer {bad[0]} but NUM_LAYERS={num_layers}; "
+                          f"use indices 0..{num_layers - 1}")
+    return layers
+
+def expert_hidden(args: Hyperparameters) -> int:
+    if args.expert_hidden:
+        return args.expert_hidden
+    k = args.num_experts if args.router == "soft" else args.top_k
+    width = args.mlp_hidden / k * (2 / 3 if args.expert_act == "swiglu" else 1)
+    return max(128, round(width / 128) * 128)
+
+def validate(args: Hyperparameters, world_size: int = 1):
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+    for f in fields(args):
+        if f.type in (int, float):
+            need(getattr(args, f.name) >= 0, f"{f.name.upper()}={getattr(args, f.name)} must not be negative")
+    need(args.num_iterations >= 1, "NUM_ITERATIONS must be at least 1")
+    need(args.train_seq_len % 128 == 0 and args.train_seq_len > 0,
+         f"TRAIN_SEQ_LEN={args.train_seq_len} must be a positive multiple of 128 (the attention block size)")
+    need(args.val_seq_len % 128 == 0 and args.val_seq_len > 0,
+         f"VAL_SEQ_LEN={args.val_seq_len} must be a positive multiple of 128 (the attention block size)")
+    need(args.train_batch_tokens % (args.train_seq_len * world_size) == 0 and args.train_batch_tokens > 0,
+         f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x GPUs = "
+         f"{args.train_seq_len} x {world_size}")
+    need(args.val_tokens % (args.val_seq_len * world_size) == 0 and args.val_tokens > 0,
+         f"VAL_TOKENS={args.val_tokens} must be a multiple of VAL_SEQ_LEN x GPUs = {args.val_seq_len} x {world_size}")
+    need(args.window_max % 128 == 0 and args.window_max > 0, f"WINDOW_MAX={args.window_max} must be a positive multiple of 128")
+    need(args.num_heads >= 1 and args.head_dim % 8 == 0 and args.head_dim > 0,
+         f"NUM_HEADS={args.num_heads} x HEAD_DIM={args.head_dim}: need at least one head and HEAD_DIM a multiple of 8")
+    need(args.num_layers >= 1, "NUM_LAYERS must be at least 1")
+    need(2 * args.num_value_embeds <= args.num_layers,
+         f"NUM_VALUE_EMBEDS={args.num_value_embeds} tables are used twice each, which needs NUM_LAYERS >= "
+         f"{2 * args.num_value_embeds}, not {args.num_layers}")
+    need(args.vocab_size > 50256, f"VOCAB_SIZE={args.vocab_size} must cover the GPT-2 end-of-text token 50256")
+    for name in ("no_attn_layers", "long_window_layers", "moe_layers"):
+        layer_list(name, getattr(args, name), args.num_layers)
+    need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
+    need(args.model_dim % 128 == 0 or args.num_experts == 0,
+         f"MODEL_DIM={args.model_dim} must be a multiple of 128 with experts (grouped GEMM alignment)")
+    if args.num_experts:
+        need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
+             f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
+        need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
+        need(1 <= args.top_k <= args.num_experts,
+             f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
+        need(args.router != "soft" or args.top_k == args.num_experts,
+             f"ROUTER=soft sends every token to every expert: set TOP_K=NUM_EXPERTS={args.num_experts}")
+        need(expert_hidden(args) % 128 == 0, f"EXPERT_HIDDEN={args.expert_hidden} must be a multiple of 128")
+        need(args.capacity_factor == 0 or args.capacity_factor * args.top_k / args.num_experts > 0,
+             "CAPACITY_FACTOR must be 0 (dropless) or positive")
+
+# -----------------------------------------------------------------------------
+# FP8 matmul for the lm head: e4m3 forward, e5m2 gradients, per-tensor scales (record 21 scales)
+
+def on_device(fn):
+    # compiled on GPU, where inductor fuses the scaling and casts into single passes; eager elsewhere
+    compiled = torch.compile(fn)
+    return lambda *args: (compiled if args[0].is_cuda else fn)(*args)
+
+@torch.library.custom_op("moe_speedrun::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    return fp8_mm_impl(x, w, x_s, w_s)
+
+@on_device
+def fp8_mm_impl(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                           scale_a=x.new_tensor(1 / x_s, dtype=torch.float32),
+                           scale_b=x.new_tensor(1 / w_s, dtype=torch.float32))
+    return out, x_f8, w_f8
+
+@fp8_mm.register_fake
+def _(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float):
+    return x @ w.T.to(x.dtype), x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+
+@torch.library.custom_op("moe_speedrun::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
+    return fp8_mm_backward_impl(g, x_f8, w_f8, x_s, w_s, grad_s)
+
+@on_device
+def fp8_mm_backward_impl(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
+    g_f8 = g.mul(grad_s).to(torch.float8_e5m2)
+    one = g.new_tensor(1.0, dtype=torch.float32)
+    # _scaled_mm wants the second operand column-major
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=one / grad_s, scale_b=one / w_s)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=one / x_s, scale_b=one / grad_s).T
+    return grad_x, grad_w
+
+@fp8_mm_backward.register_fake
+def _(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
+    return x_f8.to(torch.bfloat16), w_f8.to(torch.float32).T.contiguous().T
+
+def _fp8_mm_setup(ctx, inputs, output):
+    *_, x_s, w_s, grad_s = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.scales = (x_s, w_s, grad_s)
+
+def _fp8_mm_grad(ctx, grad_out, *_):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.moe_speedrun.fp8_mm_backward(grad_out.contiguous(), x_f8, w_f8, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+fp8_mm.register_autograd(_fp8_mm_grad, setup_context=_fp8_mm_setup)
+
+def has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+# -----------------------------------------------------------------------------
+# Muon: momentum, then Newton-Schulz orthogonalization of each matrix, batched over matrices of one shape
+
+def orthogonalize(G: Tensor, steps: int) -> Tensor:
+    # quintic Newton-Schulz iteration (Keller Jordan); G is [..., m, n], each trailing matrix on its own
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+class Muon(torch.optim.Optimizer):
+    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape.
+    # Each rank orthogonalizes a contiguous share of the stacked matrices, then all_gather (async, overlapped).
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
+                 compiled: bool = False):
+        params = list(params)
+        shapes = sorted({tuple(p.shape[-2:]) for p in params})
+        groups = [dict(params=[p for p in params if tuple(p.shape[-2:]) == s]) for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.rank, self.world_size = rank, world_size
+        self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        pending = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
+            m, n = params[0].shape[-2:]
+            stacked = torch.cat([u.view(-1, m, n) for u in updates])
+            share = -(-stacked.size(0) // self.world_size)
+            if stacked.size(0) < share * self.world_size:
+                stacked = torch.cat([stacked, stacked.new_zeros(share * self.world_size - stacked.size(0), m, n)])
+            local = self.orthogonalize(stacked[self.rank * share:(self.rank + 1) * share], group["ns_steps"])
+            if self.world_size > 1:
+                gathered = local.new_empty(share * self.world_size, m, n)
+                handle = dist.all_gather_into_tensor(gathered, local.contiguous(), async_op=True)
+            else:
+                gathered, handle = local, None
+            pending.append((group, params, gathered, handle))
+        for group, params, gathered, handle in pending:
+            if handle is not None:
+                handle.wait()
+            m, n = params[0].shape[-2:]
+            scale = -group["lr"] * max(1, m / n) ** 0.5  # per-matrix shape, so experts scale as their own matrices
+            start = 0
+            for p in params:
+                count = p.numel() // (m * n)
+                p.add_(gathered[start:start + count].view_as(p), alpha=scale)
+                start += count
+
+# -----------------------------------------------------------------------------
+# Model components
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+def init_matrix(*shape: int) -> Tensor:
+    # uniform with std 0.5 / sqrt(fan_in), as record 21
+    bound = 3 ** 0.5 * 0.5 * shape[-1] ** -0.5
+    return torch.empty(shape).uniform_(-bound, bound)
+
+class CastedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features) if zero_init else init_matrix(out_features, in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        # half the frequencies are zero: those dimensions carry no position (record 21)
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=dim // 4)
+        freq = torch.cat([freq, freq.new_zeros(dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
+        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+def relu2(h: Tensor) -> Tensor:
+    return F.relu(h).square()
+
+def swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+ACTIVATIONS = {"relu2": relu2, "swiglu": swiglu}
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "relu2"):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, hidden * (2 if act == "swiglu" else 1))
+        self.c_proj = CastedLinear(hidden, dim, zero_init=True)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+# -----------------------------------------------------------------------------
+# Attention: document-causal sliding windows, FlexAttention block sparsity on GPU, a dense mask on CPU
+
+BLOCK = 128
+EOT = 50256
+
+def block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
+    # kv blocks fully inside the query block's document and strictly earlier are "full" (no mask_mod);
+    # blocks that touch the document are "partial"; the window keeps the most recent ones (record 21)
+    n = docs.numel() // BLOCK
+    block = torch.arange(n, dtype=torch.int32, device=docs.device)
+    lo, hi = docs.view(n, BLOCK)[:, 0], docs.view(n, BLOCK)[:, -1]
+    full = (block[:, None] > block) & (lo[:, None] == hi) & (hi[:, None] == lo)
+    partial = (block[:, None] >= block) & (lo[:, None] <= hi) & (hi[:, None] >= lo) & ~full
+
+    def newest_first(mask: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.where(mask, block, -1).sort(dim=-1, descending=True).indices.to(torch.int32)
+        return mask.sum(dim=-1, dtype=torch.int32)[None, None], order[None, None].contiguous()
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    partial_num, partial_idx = newest_first(partial)
+    full_num, full_idx = newest_first(full)
+
+    def window(w: Tensor) -> BlockMask:
+        w = w.clamp_min(1)
+        return BlockMask.from_kv_blocks(torch.clamp_max(partial_num, torch.clamp_min(w - full_num, 1)), partial_idx,
+                                        torch.clamp_max(full_num, w - 1), full_idx,
+                                        BLOCK_SIZE=BLOCK, mask_mod=document_causal)
+
+    return window(window_blocks), window(window_blocks // 2)
+
+def dense_masks(docs: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    # the same visibility as block_masks, spelled out per token pair
+    pos = torch.arange(docs.numel(), device=docs.device)
+    blk = pos // BLOCK
+    visible = (pos[:, None] >= pos) & (docs[:, None] == docs)
+
+    def window(w: Tensor) -> Tensor:
+        return visible & (blk[None, :] > blk[:, None] - w.clamp_min(1))
+
+    return window(window_blocks), window(window_blocks // 2)
+
+attention_kernel = flex_attention  # main() swaps in a compiled one when the model itself runs uncompiled on GPU
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor, scale: float) -> Tensor:
+    if isinstance(mask, BlockMask):
+        return attention_kernel(q, k, v, block_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv_w = nn.Parameter(init_matrix(3, num_heads * head_dim, dim))  # merged QKV, orthogonalized per matrix
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        self.rotary = Rotary(head_dim, max_seq_len)
+        self.c_proj = CastedLinear(num_heads * head_dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask: BlockMask | Tensor) -> Tensor:
+        B, T = x.size(0), x.size(1)
+        q, k, v = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale=0.12).transpose(1, 2)
+        return self.c_proj(y.contiguous().view(B, T, self.num_heads * self.head_dim))
+
+# -----------------------------------------------------------------------------
+# Mixture of experts: route (router + top-k), dispatch (sort assignments by expert), grouped GEMM experts, combine
+
+class PermuteRows(torch.autograd.Function):
+    # out[i] = x[index[i] // k]; the backward is a gather through the inverse permutation plus a sum over the
+    # k copies of each row, so neither direction needs scatter atomics
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(index, inverse)
+        ctx.k = k
+        return x[index // k] if k > 1 else x[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, inverse = ctx.saved_tensors
+        g = grad[inverse]
+        return (g.view(-1, ctx.k, g.size(-1)).sum(1) if ctx.k > 1 else g), None, None, None
+
+def permute_rows(x: Tensor, index: Tensor, inverse: Tensor, k: int = 1) -> Tensor:
+    return PermuteRows.apply(x, index, inverse, k)
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    # x: [N, in] rows sorted by expert, w: [E, out, in]; rows offsets[e-1]:offsets[e] go through w[e]
+    return torch._grouped_mm(x, w.type_as(x).mT, offs=offsets)
+
+class MoE(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim, E = args.model_dim, args.num_experts
+        self.E = E
+        self.k = E if args.router == "soft" else args.top_k
+        self.kind = args.router
+        self.capacity_factor = args.capacity_factor
+        self.aux_coef, self.z_coef = args.aux_loss_coef, args.z_loss_coef
+        hidden = expert_hidden(args)
+        self.act = ACTIVATIONS[args.expert_act]
+        self.router = nn.Parameter(init_matrix(E, dim))
+        self.router_noise = nn.Parameter(torch.zeros(E, dim)) if args.router == "noisy" else None
+        self.w1 = nn.Parameter(init_matrix(E, hidden * (2 if args.expert_act == "swiglu" else 1), dim))
+        self.w2 = nn.Parameter(torch.zeros(E, dim, hidden))
+        self.shared = MLP(dim, hidden * args.shared_experts, args.expert_act) if args.shared_experts else None
+        self.register_buffer("bias", torch.zeros(E))  # selection-only bias of the auxiliary-loss-free balancing
+        self.register_buffer("load", torch.zeros(E))  # assignments per expert since the last reset
+        self.register_buffer("stats", torch.zeros(5))  # calls, entropy, switch loss, z-loss, dropped share (sums)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        logits = F.linear(x.float(), self.router)  # router math in fp32
+        if self.router_noise is not None and self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x.float(), self.router_noise))
+        if self.kind == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        else:
+            scores = probs = logits.softmax(dim=-1)
+        experts = (scores + self.bias).topk(self.k, dim=-1, sorted=False).indices
+        if self.k == 1:
+            gates = scores.gather(-1, experts)  # a softmax over one logit would be 1 and teach the router nothing
+        elif self.kind == "sigmoid":
+            gates = scores.gather(-1, experts)
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        else:
+            gates = logits.gather(-1, experts).softmax(dim=-1)
+        return logits, probs, experts, gates
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T, E, k = x.size(0), self.E, self.k
+        logits, probs, experts, gates = self.route(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # assignments grouped by expert, token order within an expert
+        arange = torch.arange(flat.numel(), device=x.device)
+        inverse = torch.empty_like(order).scatter_(0, order, arange)
+        counts = flat.new_zeros(E).scatter_add_(0, flat, torch.ones_like(flat))
+        offsets = counts.cumsum(0).to(torch.int32)
+        dropped = x.new_zeros((), dtype=torch.float32)
+        if self.capacity_factor:
+            capacity = math.ceil(self.capacity_factor * T * k / E)
+            queue_pos = arange - (offsets - counts)[flat[order]]  # position in its expert's queue
+            keep = (queue_pos < capacity)[inverse].view(T, k)
+            gates = gates * keep
+            dropped = 1 - keep.float().mean()
+        h = self.act(grouped_mm(permute_rows(x, order, inverse, k), self.w1, offsets))
+        y = permute_rows(grouped_mm(h, self.w2, offsets), inverse, order)
+        y = (y.view(T, k, -1).float() * gates.unsqueeze(-1)).sum(1).type_as(x)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        switch = E * (counts.float() / (T * k) * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+            self.load.add_(counts.float())
+            self.stats.add_(torch.stack([torch.ones_like(z), entropy, switch, z, dropped]))
+        return y.view(shape), self.aux_coef * switch + self.z_coef * z
+
+    def reset_stats(self):
+        self.load.zero_()
+        self.stats.zero_()
+
+@torch.no_grad()
+def update_router_bias(moes: list[MoE], rate: float, world_size: int):
+    # auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of underloaded experts, lower overloaded ones
+    loads = torch.stack([m.load for m in moes])
+    if world_size > 1:
+        dist.all_reduce(loads)
+    for m, load in zip(moes, loads):
+        m.bias.add_(torch.sign(load.mean() - load), alpha=rate)
+        m.load.zero_()
+
+# -----------------------------------------------------------------------------
+# The GPT
+
+def next_multiple(v: int, n: int) -> int:
+    return -(-v // n) * n
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int, attn: bool, moe: bool):
+        super().__init__()
+        max_seq_len = max(args.train_seq_len, args.val_seq_len)
+        self.attn = CausalSelfAttention(args.model_dim, args.num_heads, args.head_dim, max_seq_len) if attn else None
+        self.mlp = MoE(args) if moe else MLP(args.model_dim, args.mlp_hidden)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual and x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> tuple[Tensor, Tensor | float]:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(norm(x))
+        else:
+            y, aux = self.mlp(norm(x)), 0.0
+        return x + y, aux
+
+class GPT(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        L, dim = args.num_layers, args.model_dim
+        no_attn = set(layer_list("no_attn_layers", args.no_attn_layers, L))
+        moe = set(layer_list("moe_layers", args.moe_layers, L) or range(L)) if args.num_experts else set()
+        self.long_window = set(layer_list("long_window_layers", args.long_window_layers, L))
+        self.embed = nn.Embedding(args.vocab_size, dim)
+        # value embeddings: tables 0..n-1 feed layers 0..n-1 and again the last n layers (U-net pattern)
+        self.value_embeds = nn.ModuleList(nn.Embedding(args.vocab_size, dim) for _ in range(args.num_value_embeds))
+        self.blocks = nn.ModuleList(Block(args, i, i not in no_attn, i in moe) for i in range(L))
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))  # U-net: encoder outputs added back in the decoder
+        self.lm_head = CastedLinear(dim, next_multiple(args.vocab_size, 128), zero_init=True)
+        self.fp8_head = False  # set by main() on Hopper
+
+    def value_embedding_of(self, layer: int) -> int | None:
+        n, L = len(self.value_embeds), len(self.blocks)
+        return layer if layer < n else layer - (L - n) if layer >= L - n else None
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+        docs = (input_seq == EOT).cumsum(0)
+        long_mask, short_mask = (block_masks if input_seq.is_cuda else dense_masks)(docs, window_blocks)
+        ve = [emb(input_seq)[None] for emb in self.value_embeds]
+        x = x0 = norm(self.embed(input_seq)[None])
+        aux = x.new_zeros((), dtype=torch.float32)
+        skips, n_skip, L = [], len(self.skip_weights), len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            if i >= L - n_skip:
+                x = x + self.skip_weights[i - (L - n_skip)] * skips.pop()
+            j = self.value_embedding_of(i)
+            x, a = block(x, ve[j] if j is not None else None, x0, long_mask if i in self.long_window else short_mask)
+            aux = aux + a
+            if i < n_skip:
+                skips.append(x)
+        x = norm(x)
+        if self.fp8_head and self.training:
+            logits = torch.ops.moe_speedrun.fp8_mm(x.flatten(0, -2), self.lm_head.weight, 2.0, 2.0 ** 9, 2.0 ** 19)[0]
+        else:
+            logits = self.lm_head(x)
+        logits = 30 * torch.sigmoid(logits.float() / 7.5)  # softcap
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq), aux
+
+# -----------------------------------------------------------------------------
+# Data: shards of uint16 GPT-2 tokens behind a 256 x int32 header (magic 20240520, version 1, token count)
+
+MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+class DataError(ValueError):
+    pass
+
+def check_shard(path: Path) -> int:
+    if not path.is_file():
+        raise DataError(f"{path}: no such shard")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header; re-download it")
+    header = np.fromfile(path, dtype="<i4", count=3)
+    if header[0] != MAGIC:
+        raise DataError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); this is not a token shard")
+    if header[1] != VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    if size != HEADER_BYTES + 2 * int(header[2]):
+        raise DataError(f"{path}: header says {header[2]} tokens ({HEADER_BYTES + 2 * int(header[2])} bytes) but the file "
+                        f"has {size} bytes; it is truncated or corrupt, re-download it")
+    return int(header[2])
+
+def read_shard(path: Path, pin: bool = False) -> Tensor:
+    check_shard(path)
+    tokens = torch.from_numpy(np.fromfile(path, dtype="<u2", offset=HEADER_BYTES).astype(np.int32))
+    return tokens.pin_memory() if pin else tokens
+
+def find_shards(pattern: str, name: str) -> list[Path]:
+    roots = [Path.cwd()] if Path(pattern).is_absolute() else [Path.cwd(), REPO]
+    for root in roots:
+        files = sorted(Path(p) for p in glob.glob(str(root / pattern)))
+        if files:
+            for f in files:
+                check_shard(f)
+            return files
+    raise DataError(f"no shards match {name}={pattern}; download FineWeb with `python data/cached_fineweb10B.py 9` "
+                    f"or point {name} at your own shards (data/tokenize_text.py makes them)")
+
+class DataLoader:
+    # Step s reads the next batch_tokens tokens of the stream (a shard's tail that cannot fill a batch is skipped);
+    # they are cut into sequences, and rank r's micro-step j gets sequence j * world_size + r, so every GPU count
+    # trains on the same tokens per step.
+    def __init__(self, files: list[Path], batch_tokens: int, seq_len: int, rank: int, world_size: int,
+                 device: torch.device, log=None):
+        self.files, self.batch_tokens, self.seq_len = files, batch_tokens, seq_len
+        self.rank, self.world_size, self.device, self.log = rank, world_size, device, log
+        self.accum = batch_tokens // (seq_len * world_size)
+        self.file_idx, self.pos, self.tokens = 0, 0, None
+
+    def state_dict(self) -> dict:
+        return dict(file_idx=self.file_idx, pos=self.pos)
+
+    def load_state_dict(self, state: dict):
+        self.file_idx, self.pos, self.tokens = state["file_idx"], state["pos"], None
+
+    def rewind(self):
+        if self.file_idx != 0:
+            self.tokens = None
+        self.file_idx, self.pos = 0, 0
+
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        if self.tokens is None:
+            self.tokens = read_shard(self.files[self.file_idx], pin=self.device.type == "cuda")
+        if self.pos + self.batch_tokens + 1 > len(self.tokens):
+            self.file_idx, self.pos = self.file_idx + 1, 0
+            if self.file_idx == len(self.files):
+                self.file_idx = 0
+                if self.log:
+                    self.log("train data exhausted: starting over from the first shard")
+            self.tokens = read_shard(self.files[self.file_idx], pin=self.device.type == "cuda")
+            if self.batch_tokens + 1 > len(self.tokens):
+                raise DataError(f"{self.files[self.file_idx]}: {len(self.tokens)} tokens cannot fill one batch of "
+                                f"{self.batch_tokens}; use larger shards or a smaller TRAIN_BATCH_TOKENS")
+        batch = []
+        for j in range(self.accum):
+            start = self.pos + (j * self.world_size + self.rank) * self.seq_len
+            buf = self.tokens[start:start + self.seq_len + 1]
+            batch.append((buf[:-1].to(self.device, non_blocking=True),
+                          buf[1:].to(self.device, dtype=torch.int64, non_blocking=True)))
+        self.pos += self.batch_tokens
+        return batch
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_factor(step: int, args: Hyperparameters) -> float:
+    frac = step / args.num_iterations
+    if frac < 1 - args.cooldown_frac:
+        return 1.0
+    w = (1 - frac) / args.cooldown_frac
+    return w + (1 - w) * 0.1
+
+def window_blocks_at(step: int, args: Hyperparameters) -> int:
+    # record 21: window_max - 64 tokens times the progress, rounded up to a block, at least one block
+    return max(1, math.ceil(step / args.num_iterations * (args.window_max / BLOCK - 0.5)))
+
+def muon_momentum_at(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_warmup, 1) if args.muon_momentum_warmup else 1
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
+
+# -----------------------------------------------------------------------------
+# Setup helpers
+
+def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    named = dict(model.named_parameters())
+    router = [p for n, p in named.items() if ".router" in n]
+    head = [model.lm_head.weight]
+    embed = [p for n, p in named.items() if "embed" in n]
+    scalars = [p for n, p in named.items() if p.ndim < 2]
+    taken = {id(p) for p in router + head + embed + scalars}
+    matrices = [p for p in named.values() if id(p) not in taken]
+    adam_groups = [dict(params=head, lr=args.head_lr), dict(params=embed, lr=args.embed_lr),
+                   dict(params=scalars, lr=args.scalar_lr)]
+    if router:
+        adam_groups.append(dict(params=router, lr=args.router_lr))
+    optimizers = []
+    if args.matrix_optimizer == "adamw":
+        adam_groups.append(dict(params=matrices, lr=args.adamw_lr, weight_decay=args.adamw_weight_decay))
+    else:
+        optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
+                               rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda"))
+    # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
+    optimizers.insert(0, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                                           fused=device.type == "cuda"))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+def count_params(model: GPT) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum((m.E - m.k) / m.E * (m.w1.numel() + m.w2.numel()) for m in model.modules() if isinstance(m, MoE))
+    return dict(total=total, active=int(total - idle))
+
+def repo_path(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else REPO / path
+
+def system_report() -> str:
+    lines = [f"Running Python {sys.version}",
+             f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip())
+    except (OSError, subprocess.SubprocessError):
+        lines.append("nvidia-smi: not available")
+    return "\n".join(lines)
+
+class Log:
+    # rank 0 appends every line to logs/<run id>.txt (opened per line, so nothing is lost when the run dies)
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True, file: bool = True):
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        if file:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
+    lines = []
+    for layer, m in moes:
+        load = m.load / m.load.mean()
+        calls, entropy, switch, z, dropped = (m.stats / m.stats[0].clamp_min(1)).tolist()
+        lines.append(f"moe step:{step} layer:{layer} load_max:{load.max().item():.3f} load_min:{load.min().item():.3f} "
+                     f"entropy:{entropy:.3f} aux:{switch:.4f} zloss:{z:.4f} dropped:{dropped:.4f}")
+    return lines
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(env: dict | None = None):
+    args = load_config(dict(os.environ) if env is None else env)
+    distributed = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(args, world_size)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # data errors surface before any GPU work
+    train_files = find_shards(args.train_files, "TRAIN_FILES")
+    val_files = find_shards(args.val_files, "VAL_FILES")
+    val_available = sum(check_shard(f) for f in val_files)
+    if val_available < args.val_tokens + 1:
+        raise DataError(f"VAL_FILES={args.val_files} hold {val_available} tokens, fewer than VAL_TOKENS={args.val_tokens} + 1")
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    try:
+        return train(args, rank, world_size, device, train_files, val_files)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+def train(args: Hyperparameters, rank: int, world_size: int, device: torch.device, train_files: list[Path],
+          val_files: list[Path]) -> dict:
+    global attention_kernel
+    master = rank == 0
+    run_id = args.run_id or str(uuid.uuid4())
+    log_dir = repo_path(args.log_dir)
+    log = Log(log_dir / f"{run_id}.txt" if master else None)
+    log(CODE, console=False)
+    log("=" * 100, console=False)
+    log(system_report(), console=False)
+    log("=" * 100, console=False)
+    run_info = dict(run_id=run_id, date=datetime.datetime.now().isoformat(timespec="seconds"), world_size=world_size,
+                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    code_sha=hashlib.sha256(CODE.encode()).hexdigest()[:12])
+    log(f"run: {json.dumps(run_info)}")
+    log(f"config: {json.dumps(asdict(args))}")
+    if master and log.path:
+        print(f"logging to {log.path}")
+
+    torch.manual_seed(args.seed)
+    model = GPT(args).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.to(dtype)
+    model.fp8_head = args.fp8_head and has_fp8(device)
+    if world_size > 1:
+        for p in model.parameters():
+            dist.broadcast(p.detach(), 0)
+    moes = [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoE)]
+    log(f"params: {json.dumps(count_params(model))}")
+    if moes:
+        log(f"moe: layers {[i for i, _ in moes]}, {args.num_experts} experts of hidden {expert_hidden(args)}, "
+            f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared")
+    optimizers = build_optimizers(model, args, rank, world_size, device)
+    compiled = args.compile and device.type == "cuda"
+    if device.type == "cuda" and not compiled:
+        attention_kernel = torch.compile(flex_attention, dynamic=False)
+    step_model = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+
+    train_loader = DataLoader(train_files, args.train_batch_tokens, args.train_seq_len, rank, world_size, device, log)
+    val_loader = DataLoader(val_files, world_size * args.val_seq_len, args.val_seq_len, rank, world_size, device)
+    start_step = 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+        arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
+                "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
+        changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
+        if changed:
+            raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
+                              f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        train_loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        start_step = ckpt["step"]
+        log(f"resumed from {args.resume} at step {start_step}")
+
+    window_cache: dict[int, Tensor] = {}
+
+    def window_tensor(step: int) -> Tensor:
+        b = window_blocks_at(step, args)
+        if b not in window_cache:
+            window_cache[b] = torch.tensor(b, dtype=torch.int32, device=device)
+        return window_cache[b]
+
+    def reduce_gradients():
+        if world_size > 1:
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+            for h in handles:
+                h.wait()
+
+    def optimizer_step(step: int):
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(step, args)
+            if isinstance(opt, Muon):
+                for group in opt.param_groups:
+                    group["momentum"] = muon_momentum_at(step, args)
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if moes and args.bias_update_rate:
+            update_router_bias([m for _, m in moes], args.bias_update_rate, world_size)
+
+    def train_step(step: int, batch) -> Tensor:
+        window = window_tensor(step)
+        total = torch.zeros((), device=device)
+        for inputs, targets in batch:
+            ce, aux = step_model(inputs, targets, window)
+            ((ce + aux) / (len(batch) * world_size)).backward()  # all_reduce sums: this makes it the mean
+            total += ce.detach()
+        reduce_gradients()
+        optimizer_step(step)
+        return total / len(batch)
+
+    # kernel warmup: compile and autotune on random tokens, then restore every state so no step goes untimed
+    t_compile = time.perf_counter()
+    if compiled and args.warmup_steps:
+        initial = copy.deepcopy(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers]))
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+        for s in range(args.warmup_steps):
+            tokens = torch.randint(0, args.vocab_size, (args.train_seq_len + 1,), device=device, dtype=torch.int32)
+            train_step(start_step + s, [(tokens[:-1], tokens[1:].long())] * train_loader.accum)
+        model.eval()
+        with torch.no_grad():
+            tokens = torch.randint(0, args.vocab_size, (args.val_seq_len + 1,), device=device, dtype=torch.int32)
+            step_model(tokens[:-1], tokens[1:].long(), window_tensor(start_step))
+        model.train()
+        model.load_state_dict(initial["model"])
+        for opt, state in zip(optimizers, initial["optimizers"]):
+            opt.load_state_dict(state)
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], device)
+        torch.cuda.synchronize(device)
+        log(f"compile_time: {time.perf_counter() - t_compile:.1f}s")
+    for _, m in moes:
+        m.reset_stats()
+
+    def evaluate(step: int) -> float:
+        model.eval()
+        val_loader.rewind()
+        for _, m in moes:
+            m.reset_stats()
+        loss = torch.zeros((), device=device)
+        with torch.no_grad():
+            for _ in range(args.val_tokens // (world_size * args.val_seq_len)):
+                (inputs, targets), = val_loader.next_batch()
+                loss += step_model(inputs, targets, window_tensor(step))[0]
+        loss /= args.val_tokens // (world_size * args.val_seq_len)
+        if world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+            for _, m in moes:
+                dist.all_reduce(m.load)
+                dist.all_reduce(m.stats)
+        model.train()
+        return loss.item()
+
+    def save(step: int):
+        if not master:
+            return
+        path = repo_path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        torch.save(dict(step=step, args=asdict(args), model=model.state_dict(),
+                        optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=rng), path)
+        log(f"checkpoint: {path}")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def stop(reason: str):
+        log(f"stopped: {reason}")
+        raise NonFiniteLoss(f"{reason}; the log is kept at {log.path}")
+
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose train loss was not finite
+    train_ms, val_loss = 0.0, float("nan")
+    profiler = None
+    sync()
+    t0 = time.perf_counter()
+    for step in range(start_step, args.num_iterations + 1):
+        last = step == args.num_iterations
+        if last or (args.val_loss_every and step % args.val_loss_every == 0):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            bad = first_bad.item()
+            if bad >= 0:
+                stop(f"training loss became non-finite at step {bad}")
+            val_loss = evaluate(step)
+            done = step - start_step
+            log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(done, 1) if done else float('nan'):.2f}ms")
+            for line in moe_report(moes, step) if master else []:
+                log(line)
+            for _, m in moes:
+                m.reset_stats()
+            if not math.isfinite(val_loss):
+                stop(f"validation loss became non-finite at step {step}")
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        if args.profile_steps and step == start_step + 5:
+            profiler = torch.profiler.profile(record_shapes=False, with_stack=False)
+            profiler.__enter__()
+        loss = train_step(step, train_loader.next_batch())
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        if profiler is not None and step == start_step + 5 + args.profile_steps - 1:
+            sync()
+            profiler.__exit__(None, None, None)
+            if master:
+                profiler.export_chrome_trace(str(log_dir / f"{run_id}_trace.json"))
+            profiler = None
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.num_iterations:
+            sync()
+            t_save = time.perf_counter()
+            save(step + 1)
+            t0 += time.perf_counter() - t_save
+        done = step + 1 - start_step
+        approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        eta = approx_ms / done * (args.num_iterations - step - 1) / 1000
+        line = f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / done:.2f}ms"
+        log(line, console=False)
+        log(f"{line} eta:{eta:.0f}s", file=False)
+    if args.save_checkpoint:
+        save(args.num_iterations)
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2 ** 20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved(device) // 2 ** 20} MiB")
+    else:
+        log("peak memory allocated: 0 MiB reserved: 0 MiB")
+    return dict(val_loss=val_loss, train_ms=train_ms, log=str(log.path) if log.path else None, run_id=run_id)
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
