@@ -50,3 +50,13 @@ def tiny_env(data: Path, out: Path, **overrides) -> dict:
                CHECKPOINT_DIR=str(out / "ckpt"), RUN_ID="tiny")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+@pytest.fixture(scope="session")
+def shared_shards(tmp_path_factory):
+    # the same shards as `shards`, written once for the tests that share training runs; treat as read-only
+    d = tmp_path_factory.mktemp("shared_data")
+    write_shard(d / "syn_train_000001.bin", synthetic_tokens(60_000, 1))
+    write_shard(d / "syn_train_000002.bin", synthetic_tokens(60_000, 2))
+    write_shard(d / "syn_val_000000.bin", synthetic_tokens(20_000, 3))
+    return d

@@ -1,0 +1,96 @@
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from train_gpt import ConfigError, Hyperparameters, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the launcher's environment as torchrun sets it (torch.distributed.elastic), plus everyday shell variables
+TORCHRUN_ENV = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", GROUP_RANK="0", ROLE_RANK="1",
+                    ROLE_WORLD_SIZE="2", GROUP_WORLD_SIZE="1", ROLE_NAME="default", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT="29500", TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
+                    TORCHELASTIC_RUN_ID="none", TORCHELASTIC_USE_AGENT_STORE="False",
+                    TORCH_NCCL_ASYNC_ERROR_HANDLING="1", TORCHELASTIC_ERROR_FILE="/tmp/err.json",
+                    OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="0,1", PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+                    HOME="/root", PATH="/usr/bin", PWD="/work", USER="root", SHELL="/bin/bash", LANG="C.UTF-8")
+
+
+def test_overrides_parse_into_field_types():
+    args = load_config(dict(NUM_ITERATIONS="123", COOLDOWN_FRAC="0.25", MUON_LR="1e-2", FP8_HEAD="0", COMPILE="true",
+                            SAVE_CHECKPOINT="yes", RUN_ID="my run", NO_ATTN_LAYERS="1,5"))
+    assert args.num_iterations == 123 and type(args.num_iterations) is int
+    assert args.cooldown_frac == 0.25 and type(args.cooldown_frac) is float
+    assert args.muon_lr == 0.01 and type(args.muon_lr) is float
+    assert args.fp8_head is False and args.compile is True and args.save_checkpoint is True
+    assert args.run_id == "my run" and args.no_attn_layers == "1,5"
+
+
+def test_defaults_without_overrides():
+    assert load_config({}) == Hyperparameters()
+
+
+@pytest.mark.parametrize("key,value", [("NUM_ITERATIONS", "abc"), ("NUM_ITERATIONS", "1.5"), ("MUON_LR", "fast"),
+                                       ("FP8_HEAD", "maybe"), ("COMPILE", "2")])
+def test_invalid_value_names_the_variable(key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config({key: value})
+    assert f"{key}={value!r}" in str(e.value)
+
+
+@pytest.mark.parametrize("typo,field", [("NUM_ITERATION", "NUM_ITERATIONS"), ("TOPK", "TOP_K"),
+                                        ("MUON_MOMENTUMS", "MUON_MOMENTUM"), ("VAL_LOSS_EVRY", "VAL_LOSS_EVERY")])
+def test_misspelling_names_the_closest_setting(typo, field):
+    with pytest.raises(ConfigError) as e:
+        load_config({typo: "1"})
+    assert typo in str(e.value) and f"did you mean {field}?" in str(e.value)
+
+
+def test_launcher_and_shell_variables_are_not_flagged():
+    assert load_config(TORCHRUN_ENV) == Hyperparameters()
+
+
+def test_negative_value_is_rejected():
+    with pytest.raises(ConfigError, match="SAVE_EVERY=-1"):
+        load_config(dict(SAVE_EVERY="-1"))
+
+
+@pytest.mark.parametrize("env,world_size,needle", [
+    (dict(TRAIN_SEQ_LEN="1000"), 1, "TRAIN_SEQ_LEN=1000"),
+    (dict(VAL_SEQ_LEN="200"), 1, "VAL_SEQ_LEN=200"),
+    (dict(TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="3000"), 1, "TRAIN_BATCH_TOKENS=3000"),
+    (dict(TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="3072"), 2, "TRAIN_BATCH_TOKENS=3072"),  # fine on 1 GPU, not 2
+    (dict(VAL_SEQ_LEN="1024", VAL_TOKENS="3072"), 2, "VAL_TOKENS=3072"),
+    (dict(NUM_LAYERS="12", NO_ATTN_LAYERS="12"), 1, "NO_ATTN_LAYERS='12'"),
+    (dict(NUM_LAYERS="12", NO_ATTN_LAYERS="3,x"), 1, "NO_ATTN_LAYERS='3,x'"),
+    (dict(NUM_LAYERS="6", NO_ATTN_LAYERS="", LONG_WINDOW_LAYERS="0,6"), 1, "LONG_WINDOW_LAYERS='0,6'"),
+    (dict(NUM_LAYERS="12", NUM_VALUE_EMBEDS="7"), 1, "NUM_VALUE_EMBEDS=7"),
+    (dict(WINDOW_MAX="1000"), 1, "WINDOW_MAX=1000"),
+    (dict(NUM_ITERATIONS="0"), 1, "NUM_ITERATIONS"),
+    (dict(MATRIX_OPTIMIZER="sgd"), 1, "MATRIX_OPTIMIZER='sgd'"),
+])
+def test_impossible_config_is_rejected(env, world_size, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(env), world_size) if world_size > 1 else load_config(env)
+    assert needle in str(e.value)
+
+
+def test_limits_themselves_are_allowed():
+    env = dict(NUM_LAYERS="6", NUM_VALUE_EMBEDS="3", NO_ATTN_LAYERS="0,5", LONG_WINDOW_LAYERS="1,4",
+               TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="4096", VAL_SEQ_LEN="1024", VAL_TOKENS="4096")
+    validate(load_config(env), world_size=4)
+
+
+def test_cli_misspelling_exits_2_with_one_error_line():
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(Hyperparameters)}}
+    env["NUM_ITERATION"] = "5"
+    r = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "NUM_ITERATION" in lines[0], r.stderr
+    assert "NUM_ITERATIONS" in lines[0]
+    assert r.stdout == ""

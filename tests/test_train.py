@@ -1,0 +1,245 @@
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import synthetic_tokens, tiny_env, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(nan|\d+\.\d{2})ms$")
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:(\d+)ms step_avg:(\d+\.\d{2})ms$")
+# a few steps, evaluated at 0, 2 and 4, on 1024 validation tokens (two sequences: one per rank on 2 ranks)
+SHORT = dict(NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024)
+
+
+def val_lines(log: Path) -> dict[int, str]:
+    return {int(m[1]): m[3] for m in map(VAL_LINE.match, log.read_text().splitlines()) if m}
+
+
+def torchrun(script: Path, settings: dict) -> subprocess.CompletedProcess:
+    # 2 CPU processes over gloo, one thread each; the settings replace any the environment has
+    names = {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
+    env = {k: v for k, v in os.environ.items() if k not in names} | settings | dict(OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -----------------------------------------------------------------------------
+# FP8 lm head
+
+def test_fp8_matmul_op_matches_bf16_reference():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 256, generator=gen).bfloat16().requires_grad_()  # rms-normed activations
+    w = (torch.rand(512, 256, generator=gen) * 0.1 - 0.05).requires_grad_()  # lm head weight
+    grad = torch.randn(128, 512, generator=gen).bfloat16() * 1e-4  # cross-entropy gradients are small
+    out = torch.ops.moe_speedrun.fp8_mm(x, w, 2.0, 2.0 ** 9, 2.0 ** 19)[0]
+    out.backward(grad)
+    x_ref, w_ref = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = x_ref @ w_ref.T
+    ref.backward(grad.float())
+    assert out.shape == ref.shape and rel_err(out, ref) < 0.05
+    assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
+    assert rel_err(x.grad, x_ref.grad) < 0.1
+    assert rel_err(w.grad, w_ref.grad) < 0.1
+
+
+# -----------------------------------------------------------------------------
+# failures before and during training
+
+def test_corrupt_shard_stops_main_before_training(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "syn_train_000001.bin", synthetic_tokens(5000, 1))
+    bad = write_shard(data / "syn_train_000002.bin", synthetic_tokens(5000, 2))
+    raw = bytearray(bad.read_bytes())
+    raw[:4] = np.array([123], dtype="<i4").tobytes()  # magic number
+    bad.write_bytes(bytes(raw))
+    write_shard(data / "syn_val_000000.bin", synthetic_tokens(5000, 3))
+    with pytest.raises(train_gpt.DataError, match="syn_train_000002.bin"):
+        train_gpt.main(tiny_env(data, tmp_path))
+    assert not (tmp_path / "logs").exists()  # no log: training never started
+
+
+def test_val_shards_must_hold_val_tokens_without_repeating(tmp_path):
+    # two 1000-token val shards hold 2000 >= VAL_TOKENS + 1 tokens, but the loader skips each shard's tail that
+    # cannot fill a 512-token sequence (+1 target), so only 1024 distinct tokens can be read: a 1536-token
+    # validation would wrap around and count the first shard's tokens twice
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "syn_train_000001.bin", synthetic_tokens(5000, 1))
+    write_shard(data / "syn_val_000000.bin", synthetic_tokens(1000, 3))
+    write_shard(data / "syn_val_000001.bin", synthetic_tokens(1000, 4))
+    with pytest.raises(train_gpt.DataError, match="VAL_TOKENS=1536"):
+        train_gpt.main(tiny_env(data, tmp_path, VAL_TOKENS=1536, NUM_ITERATIONS=1, VAL_LOSS_EVERY=0))
+
+
+@pytest.mark.parametrize("phase,poisoned_call,stopped,before", [
+    # the only micro-step of step 0; the run stops at the next validation (step 3) without evaluating
+    ("train", 0, "training loss became non-finite at step 0", "step:3/20 train_time:"),
+    # the second evaluation, which is logged before the run stops
+    ("eval", 1, "validation loss became non-finite at step 2", "step:2/20 val_loss:nan "),
+], ids=["train", "eval"])
+def test_non_finite_loss_stops_the_run(shared_shards, tmp_path, monkeypatch, phase, poisoned_call, stopped, before):
+    forward, calls = train_gpt.GPT.forward, []
+
+    def poisoned(self, *args):
+        loss, aux = forward(self, *args)
+        if self.training == (phase == "train"):
+            calls.append(None)
+            if len(calls) - 1 == poisoned_call:
+                loss = loss * float("nan")
+        return loss, aux
+
+    monkeypatch.setattr(train_gpt.GPT, "forward", poisoned)
+    env = tiny_env(shared_shards, tmp_path, TRAIN_BATCH_TOKENS=256, VAL_TOKENS=512,
+                   VAL_LOSS_EVERY=3 if phase == "train" else 2)
+    with pytest.raises(train_gpt.NonFiniteLoss) as e:
+        train_gpt.main(env)
+    log = tmp_path / "logs" / "tiny.txt"
+    assert stopped in str(e.value) and str(log) in str(e.value)
+    lines = log.read_text().splitlines()
+    assert lines[-1] == f"stopped: {stopped}" and lines[-2].startswith(before)
+    assert list(val_lines(log)) == [0]
+
+
+POISON_ONE_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+forward, calls = train_gpt.GPT.forward, []
+
+def poisoned(self, *args):
+    loss, aux = forward(self, *args)
+    if self.training and os.environ["RANK"] == "1":
+        calls.append(None)
+        if len(calls) == 2:  # step 1, on rank 1 only: a batch that overflows
+            loss = loss * float("nan")
+    return loss, aux
+
+train_gpt.GPT.forward = poisoned
+try:
+    train_gpt.main()
+except train_gpt.NonFiniteLoss as e:
+    print(f"rank {{os.environ['RANK']}} error: {{e}}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(shared_shards, tmp_path):
+    # the validation at step 2 must stop rank 0 (which writes the log) too, naming the step where it happened
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISON_ONE_RANK.format(root=str(ROOT)))
+    r = torchrun(script, tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024))
+    lines = (tmp_path / "logs" / "tiny.txt").read_text().splitlines()
+    assert lines[-1] == "stopped: training loss became non-finite at step 1", r.stderr[-3000:]
+    assert "rank 0 error: training loss became non-finite at step 1" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# short runs: reproducibility, FP8 fallback, gradient accumulation vs ranks
+
+def run_short(data: Path, out: Path, run_id: str, **overrides) -> tuple[dict, Path]:
+    # one thread, as each torchrun worker below: the same kernels and sums, so runs can be compared bit for bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_gpt.main(tiny_env(data, out, RUN_ID=run_id, **SHORT, **overrides))
+    finally:
+        torch.set_num_threads(threads)
+    return result, Path(result["log"])
+
+
+@pytest.fixture(scope="module")
+def short_run(shared_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("short")
+    result, log = run_short(shared_shards, out, "short", FP8_HEAD=1, SAVE_CHECKPOINT=1)
+    return dict(result=result, log=log, ckpt=out / "ckpt" / "short" / "step_000004.pt", data=shared_shards, out=out)
+
+
+def test_same_seed_is_bit_identical(short_run):
+    result, log = run_short(short_run["data"], short_run["out"], "again", FP8_HEAD=1)
+    assert result["val_loss"] == short_run["result"]["val_loss"]  # bit for bit, not to 4 decimals
+    assert val_lines(log) == val_lines(short_run["log"])
+
+
+def test_fp8_head_falls_back_to_bf16_on_cpu(short_run):
+    assert not train_gpt.has_fp8(torch.device("cpu"))
+    result, _ = run_short(short_run["data"], short_run["out"], "no_fp8", FP8_HEAD=0)
+    assert result["val_loss"] == short_run["result"]["val_loss"]
+
+
+def test_two_ranks_match_gradient_accumulation(short_run, tmp_path):
+    # 512 tokens per step: 1 process x 2 micro-steps (short_run) vs 2 gloo processes x 1 micro-step
+    r = torchrun(ROOT / "train_gpt.py", tiny_env(short_run["data"], tmp_path, RUN_ID="ddp", FP8_HEAD=1,
+                                                 SAVE_CHECKPOINT=1, **SHORT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    log = tmp_path / "logs" / "ddp.txt"
+    assert json.loads(next(l for l in log.read_text().splitlines() if l.startswith("run: "))[5:])["world_size"] == 2
+    assert val_lines(log) == val_lines(short_run["log"])
+    assert list(val_lines(log)) == [0, 2, 4]
+    # the same sums in the same order (g0 + g1 by accumulation or by all_reduce), so the same bits; anything
+    # looser would not do: AdamW's tiny epsilon turns rounding noise in near-zero gradients into full-size steps
+    one, two = torch.load(short_run["ckpt"])["model"], torch.load(tmp_path / "ckpt" / "ddp" / "step_000004.pt")["model"]
+    assert one.keys() == two.keys()
+    assert [name for name in one if not torch.equal(one[name], two[name])] == []
+
+
+# -----------------------------------------------------------------------------
+# the tiny end-to-end run, and a resume from its step-10 checkpoint
+
+@pytest.fixture(scope="module")
+def full_run(shared_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    env = tiny_env(shared_shards, out, RUN_ID="full", VAL_LOSS_EVERY=1, VAL_TOKENS=512, SAVE_EVERY=10)
+    result = train_gpt.main(env)
+    return dict(env=env, result=result, log=Path(result["log"]), out=out, data=shared_shards)
+
+
+def test_tiny_run_learns(full_run):
+    losses = {step: float(v) for step, v in val_lines(full_run["log"]).items()}
+    assert sorted(losses) == list(range(21))
+    assert losses[0] == round(math.log(50304), 4)  # zero-initialized head: uniform over the padded vocabulary
+    assert losses[0] > losses[5] > losses[10] > losses[15] > losses[20]
+    assert losses[20] < 3.0
+    assert abs(full_run["result"]["val_loss"] - losses[20]) <= 5e-5
+
+
+def test_log_is_a_complete_record(full_run):
+    text = full_run["log"].read_text()
+    assert text.startswith(train_gpt.CODE)
+    lines = text.splitlines()
+    run = json.loads(next(l for l in lines if l.startswith("run: "))[5:])
+    config = json.loads(next(l for l in lines if l.startswith("config: "))[8:])
+    assert run["run_id"] == "full" and run["world_size"] == 1 and run["device"] == "cpu"
+    assert config == asdict(train_gpt.load_config(full_run["env"]))
+    steps = [l for l in lines if l.startswith("step:")]
+    assert [l for l in steps if not (VAL_LINE.match(l) or TRAIN_LINE.match(l))] == []  # no eta: console only
+    assert [int(TRAIN_LINE.match(l)[1]) for l in steps if TRAIN_LINE.match(l)] == list(range(1, 21))
+    assert [VAL_LINE.match(l)[5] == "nan" for l in steps if VAL_LINE.match(l)] == [True] + [False] * 20
+    assert f"checkpoint: {full_run['out'] / 'ckpt' / 'full' / 'step_000010.pt'}" in lines
+    assert lines[-1].startswith("peak memory allocated:")
+
+
+def test_resume_continues_the_run_exactly(full_run):
+    out = full_run["out"]
+    ckpt = out / "ckpt" / "full" / "step_000010.pt"
+    result = train_gpt.main(tiny_env(full_run["data"], out, RUN_ID="resumed", VAL_LOSS_EVERY=1, VAL_TOKENS=512,
+                                     RESUME=ckpt))
+    resumed, uninterrupted = val_lines(Path(result["log"])), val_lines(full_run["log"])
+    assert f"resumed from {ckpt} at step 10" in Path(result["log"]).read_text()
+    assert list(resumed) == list(range(10, 21))
+    assert resumed == {step: uninterrupted[step] for step in resumed}
+    assert result["val_loss"] == full_run["result"]["val_loss"]  # bit for bit
