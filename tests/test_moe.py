@@ -1,0 +1,438 @@
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from conftest import ROOT, tiny_env
+import train_gpt as tg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the layer tests are tiny: more threads only contend for the machine's few cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_moe(E: int, K: int, router: str = "softmax", act: str = "relu2", shared: int = 0, dim: int = 32,
+             hidden: int = 16, seed: int = 0, **extra) -> tg.MoE:
+    torch.manual_seed(seed)
+    args = tg.Hyperparameters(model_dim=dim, expert_hidden=hidden, num_experts=E, top_k=K, router=router,
+                              expert_act=act, shared_experts=shared, **extra)
+    moe = tg.MoE(args)
+    with torch.no_grad():
+        # zero-initialized output projections would make every expert (and the router's gradient) vanish
+        moe.w2.normal_(0, hidden ** -0.5)
+        if moe.shared is not None:
+            moe.shared.c_proj.weight.normal_(0, hidden ** -0.5)
+        if moe.router_noise is not None:
+            moe.router_noise.normal_(0, dim ** -0.5)
+    return moe
+
+
+def reference(moe: tg.MoE, x: torch.Tensor, noise: torch.Tensor | None = None,
+              capacity: int | None = None) -> tuple[torch.Tensor, float]:
+    # routing recomputed from the weights in fp32, then one expert at a time over its tokens
+    x2 = x.reshape(-1, x.size(-1)).float()
+    T, E, K = x2.size(0), moe.E, moe.k
+    logits = x2 @ moe.router.T
+    if noise is not None:
+        logits = logits + noise * F.softplus(x2 @ moe.router_noise.T)
+    scores = torch.sigmoid(logits) if moe.kind == "sigmoid" else logits.softmax(-1)
+    top = (scores + moe.bias).detach().argsort(dim=-1, descending=True)[:, :K]  # the bias only selects
+    chosen = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
+    if K == 1:
+        gates = scores * chosen
+    elif moe.kind == "sigmoid":
+        gates = scores * chosen / (scores * chosen).sum(-1, keepdim=True)
+    else:
+        gates = logits.masked_fill(~chosen, -math.inf).softmax(-1)
+    kept = chosen if capacity is None else chosen & (chosen.cumsum(0) <= capacity)  # first come, first served
+    y = torch.zeros_like(x2)
+    for e in range(E):
+        rows = kept[:, e].nonzero().squeeze(1)
+        h = moe.act(x2[rows] @ moe.w1[e].T)
+        y = y.index_add(0, rows, gates[rows, e, None] * (h @ moe.w2[e].T))
+    if moe.shared is not None:
+        y = y + moe.shared(x2)
+    return y.view(x.shape), 1 - kept.sum().item() / (T * K)
+
+
+def assert_same_layer(moe: tg.MoE, x: torch.Tensor, seed: int | None = None, capacity: int | None = None):
+    # forward values and the gradient of x and of every parameter, against autograd through the reference
+    x = x.clone().requires_grad_(True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    y, _ = moe(x)
+    noise = None
+    if moe.router_noise is not None and moe.training:
+        torch.manual_seed(seed)
+        noise = torch.randn(x.numel() // x.size(-1), moe.E)  # the draw route() makes
+    y_ref, _ = reference(moe, x, noise, capacity)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)  # a real upstream gradient: a stride-0 one trips _grouped_mm's backward
+    inputs = [x, *moe.parameters()]
+    got = torch.autograd.grad(y, inputs, g, allow_unused=True)
+    want = torch.autograd.grad(y_ref, inputs, g, allow_unused=True)
+    names = ["x"] + [n for n, _ in moe.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), f"{name}: gradient {a} vs reference {b}"
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient of {name}: {m}")
+    return got
+
+
+# -----------------------------------------------------------------------------
+# The layer against a per-expert loop
+
+ROUTED = [(E, K, r) for E, K in [(4, 1), (4, 2), (8, 2), (4, 4)] for r in ("softmax", "sigmoid", "noisy")]
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("act", ["relu2", "swiglu"])
+@pytest.mark.parametrize("E,K,router", ROUTED + [(4, 4, "soft")])
+def test_layer_matches_per_expert_loop(E, K, router, act, shared):
+    moe = make_moe(E, K, router, act, shared, dim=32, hidden=16)
+    x = torch.randn(1, 24, 32)
+    assert_same_layer(moe, x, seed=1)
+    if router == "noisy":
+        moe.eval()
+        assert_same_layer(moe, x)
+
+
+def test_noisy_router_adds_noise_only_in_training():
+    moe = make_moe(4, 2, "noisy")
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        a, b = moe(x)[0], moe(x)[0]
+        assert not torch.allclose(a, b), "training calls of the noisy router should differ"
+        assert (moe.route(x.view(16, 32))[0] != F.linear(x.view(16, 32), moe.router)).all()
+        moe.eval()
+        torch.testing.assert_close(moe(x)[0], moe(x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(moe.route(x.view(16, 32))[0], F.linear(x.view(16, 32), moe.router))
+
+
+@pytest.mark.parametrize("bias", [[-1e9, 0, 0, 0], [0, 0, -1e9, 0], [0, 0, 0, -1e9], [-1e9, 0, -1e9, -1e9]],
+                         ids=["first", "middle", "last", "all-but-one"])
+def test_expert_without_tokens(bias):
+    moe = make_moe(4, 1 if bias.count(0) == 1 else 2)
+    moe.bias.copy_(torch.tensor(bias))
+    x = torch.randn(1, 24, 32)
+    idle = [e for e, b in enumerate(bias) if b]
+    assert not torch.isin(moe.route(x.view(24, 32))[2], torch.tensor(idle)).any()
+    grads = dict(zip(["x"] + [n for n, _ in moe.named_parameters()], assert_same_layer(moe, x)))
+    for e in idle:
+        # exactly zero, not stale memory of an empty group
+        assert torch.equal(grads["w1"][e], torch.zeros_like(grads["w1"][e]))
+        assert torch.equal(grads["w2"][e], torch.zeros_like(grads["w2"][e]))
+    assert grads["w1"].abs().sum() > 0 and grads["w2"].abs().sum() > 0
+
+
+def skewed(moe: tg.MoE, x: torch.Tensor) -> torch.Tensor:
+    # tokens share a direction that expert 0's router row points at, so most of them prefer expert 0
+    # (mildly: saturated scores would flip every token at once when the bias overtakes them)
+    u = torch.randn(x.size(-1))
+    u = u / u.norm()
+    with torch.no_grad():
+        moe.router[0] += 1.5 * u
+    return x + u
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0])
+@pytest.mark.parametrize("K", [1, 2])
+def test_capacity_keeps_first_tokens(cf, K):
+    T, E = 32, 4
+    moe = make_moe(E, K, capacity_factor=cf)
+    x = skewed(moe, torch.randn(1, T, 32))
+    capacity = math.ceil(cf * T * K / E)
+    _, dropped = reference(moe, x, capacity=capacity)
+    assert dropped > 0, "the case should overflow an expert"
+    assert_same_layer(moe, x, capacity=capacity)
+    moe.eval()
+    moe.reset_stats()
+    with torch.no_grad():
+        moe(x)
+    calls, *_, reported = moe.stats.tolist()
+    assert calls == 1
+    assert reported == pytest.approx(dropped, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Balancing: Switch loss, z-loss, auxiliary-loss-free bias
+
+def numpy_losses(logits: np.ndarray, K: int, sigmoid: bool) -> tuple[float, float, float]:
+    # Switch loss E * sum_i f_i P_i, z-loss mean(logsumexp^2), and the mean entropy of the router's distribution
+    T, E = logits.shape
+    p = 1 / (1 + np.exp(-logits)) if sigmoid else np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    top = np.argsort(-p, axis=1)[:, :K]
+    f = np.bincount(top.ravel(), minlength=E) / (T * K)
+    probs = p / p.sum(1, keepdims=True)
+    lse = np.log(np.exp(logits).sum(1))
+    return E * (f * probs.mean(0)).sum(), (lse ** 2).mean(), -(probs * np.log(probs)).sum(1).mean()
+
+
+def moe_with_logits(logits: list[list[float]], K: int, router: str, **extra) -> tuple[tg.MoE, torch.Tensor]:
+    # x[t] is the t-th unit vector, so the router's column t holds token t's logits
+    T, E = len(logits), len(logits[0])
+    moe = make_moe(E, K, router, dim=32, **extra)
+    with torch.no_grad():
+        moe.router.zero_()
+        moe.router[:, :T] = torch.tensor(logits).T
+    return moe, torch.eye(T, 32)[None]
+
+
+@pytest.mark.parametrize("router,K", [("softmax", 1), ("softmax", 2), ("sigmoid", 1), ("sigmoid", 2)])
+def test_balancing_losses_by_hand(router, K):
+    logits = [[2.0, 0.0, -1.0], [0.0, 1.5, 0.5], [1.0, -0.5, 0.2], [-1.0, 0.3, 2.5]]
+    switch, z, entropy = numpy_losses(np.array(logits), K, router == "sigmoid")
+    moe, x = moe_with_logits(logits, K, router, aux_loss_coef=0.01, z_loss_coef=0.001)
+    _, aux = moe(x)
+    assert aux.item() == pytest.approx(0.01 * switch + 0.001 * z, rel=1e-5)
+    moe.eval()
+    moe.reset_stats()
+    with torch.no_grad():
+        _, aux_eval = moe(x)
+    calls, got_entropy, got_switch, got_z, dropped = moe.stats.tolist()
+    assert (calls, dropped) == (1, 0)
+    assert (got_switch, got_z, got_entropy) == pytest.approx((switch, z, entropy), rel=1e-5)
+    assert aux_eval.item() == pytest.approx(0.01 * switch + 0.001 * z, rel=1e-5)
+
+
+def test_balancing_losses_uniform_router():
+    # zero logits: P_i = 1/E whatever the selection, so the Switch loss is exactly 1 and z = log(E)^2
+    moe, x = moe_with_logits([[0.0] * 4] * 4, 2, "softmax", aux_loss_coef=1.0, z_loss_coef=1.0)
+    moe.eval()
+    with torch.no_grad():
+        _, aux = moe(x)
+    assert moe.stats[2].item() == pytest.approx(1.0, rel=1e-6)
+    assert moe.stats[3].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    assert aux.item() == pytest.approx(1 + math.log(4) ** 2, rel=1e-6)
+
+
+def test_aux_losses_off_in_training_cost_nothing():
+    moe, x = moe_with_logits([[2.0, 0.0, -1.0], [0.0, 1.5, 0.5]], 1, "softmax")
+    _, aux = moe(x)
+    assert aux.item() == 0
+    assert moe.stats.sum().item() == 0, "training calls should not accumulate statistics"
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_switch_loss_gradient_reaches_router(router):
+    moe, x = moe_with_logits([[2.0, 0.0, -1.0], [0.0, 1.5, 0.5], [1.0, -0.5, 0.2]], 1, router, aux_loss_coef=1.0)
+    _, aux = moe(x)
+    (grad,) = torch.autograd.grad(aux, moe.router)
+    logits = x[0] @ moe.router.T
+    scores = torch.sigmoid(logits) if router == "sigmoid" else logits.softmax(-1)
+    probs = scores / scores.sum(-1, keepdim=True)
+    f = torch.bincount(scores.argmax(-1), minlength=3).float() / 3
+    (want,) = torch.autograd.grad(3 * (f * probs.mean(0)).sum(), moe.router)
+    torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("router,K", [("softmax", 1), ("softmax", 2), ("sigmoid", 2)])
+def test_router_bias_balances_load(router, K):
+    T, E = 64, 4
+    moe = make_moe(E, K, router)
+    x = skewed(moe, torch.randn(1, T, 32))
+    loads, balance, bias0 = [], [], []
+    with torch.no_grad():
+        for _ in range(60):
+            moe(x)
+            loads.append(moe.load.clone())
+            assert loads[-1].sum() == T * K
+            balance.append((loads[-1].max() / loads[-1].mean()).item())
+            tg.update_router_bias([moe], 0.01, 1)
+            assert torch.equal(moe.load, torch.zeros(E)), "the load should restart after each update"
+            bias0.append(moe.bias[0].item())
+    assert balance[0] > 1.4 and loads[0].argmax() == 0, "the case should start skewed towards expert 0"
+    assert bias0[0] == pytest.approx(-0.01) and bias0[-1] < -0.1, "the overloaded expert's bias should fall"
+    assert max(balance[-10:]) <= 1.25 < balance[0]
+    # the bias has moved the selection, yet the gates are still the unbiased scores'
+    scores = moe.route(x.view(T, 32))[1]
+    assert not torch.equal(moe.route(x.view(T, 32))[2].sort(-1).values, scores.topk(K).indices.sort(-1).values)
+    assert_same_layer(moe, x)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_top1_router_still_learns(router):
+    # top-1 gates are the router's score, not a softmax over one logit (which is 1 and has no gradient)
+    moe = make_moe(4, 1, router)
+    x = torch.randn(1, 32, 32)
+    y, _ = moe(x)
+    (grad,) = torch.autograd.grad(y, moe.router, torch.randn_like(y))
+    assert grad.norm() > 1e-3 * moe.router.norm()
+    assert (grad.abs().sum(1) > 0).all(), "every expert that got tokens should teach its router row"
+
+
+# -----------------------------------------------------------------------------
+# Muon on stacked experts
+
+def test_orthogonalize_is_per_expert():
+    torch.manual_seed(0)
+    for m, n in [(64, 32), (32, 64)]:
+        G = torch.randn(4, m, n)
+        stacked = tg.orthogonalize(G, 5).float()
+        looped = torch.stack([tg.orthogonalize(g, 5) for g in G]).float()
+        torch.testing.assert_close(stacked, looped, rtol=0, atol=2e-2)
+        merged = tg.orthogonalize(G.reshape(4 * m, n), 5).float().view(4, m, n)
+        assert (stacked - merged).abs().max() > 0.2, "a stack should not be orthogonalized as one matrix"
+        sv = torch.linalg.svdvals(stacked)
+        assert sv.min() > 0.5 and sv.max() < 1.5, "every expert's matrix should come out near-orthogonal"
+
+
+@pytest.mark.parametrize("m,n", [(64, 16), (16, 64)])
+def test_muon_lr_scale_uses_expert_shape(m, n):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, m, n))
+    before = p.detach().clone()
+    p.grad = torch.randn(4, m, n)
+    opt = tg.Muon([p], lr=0.1, momentum=0.0, ns_steps=5)
+    opt.step()
+    # sqrt(max(1, m / n)) of one expert, not of the [4m, n] stack
+    want = 0.1 * max(1, m / n) ** 0.5 * tg.orthogonalize(p.grad, 5).float()
+    torch.testing.assert_close(before - p.detach(), want, rtol=1e-4, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The MoE inside the GPT: compile, training runs
+
+def tiny_gpt_args() -> tg.Hyperparameters:
+    return tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
+                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
+                              num_value_embeds=1, train_seq_len=256, val_seq_len=256, window_max=256)
+
+
+def test_compiles_without_graph_breaks_or_recompiles():
+    args = tiny_gpt_args()
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    # activations in bf16 as on GPU: the fake-tensor kernel of _grouped_mm accepts only bf16
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            m.to(torch.bfloat16)
+    moes = [b.mlp for b in model.blocks]
+
+    def batch(seed: int):
+        tokens = torch.randint(0, args.vocab_size, (args.train_seq_len + 1,), dtype=torch.int32,
+                               generator=torch.Generator().manual_seed(seed))
+        return tokens[:-1], tokens[1:].long()
+
+    inputs, targets = batch(0)
+    explained = torch._dynamo.explain(model)(inputs, targets, torch.tensor(1, dtype=torch.int32))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            inputs, targets = batch(step + 1)
+            window = torch.tensor(step + 1, dtype=torch.int32)
+            ce, aux = compiled(inputs, targets, window)
+            if step == 0:
+                torch.testing.assert_close(ce, model(inputs, targets, window)[0])
+            (ce + aux).backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            tg.update_router_bias(moes, 0.01, 1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+MOE_LINE = re.compile(r"^moe step:(\d+) layer:(\d+) ((?:\w+:\S+ ?)+)$")
+
+
+def moe_lines(log: str) -> dict[tuple[int, int], dict[str, float]]:
+    out = {}
+    for line in log.splitlines():
+        if line.startswith("moe step:"):
+            match = MOE_LINE.match(line)
+            assert match, f"unparseable line: {line}"
+            out[int(match[1]), int(match[2])] = {k: float(v) for k, v in (kv.split(":") for kv in match[3].split())}
+    return out
+
+
+def val_losses(log: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ val_loss:(\S+)", log, re.M)}
+
+
+def test_soft_moe_trains(shards, tmp_path):
+    # 10 steps rather than the README's 20: soft routing already learns the synthetic phrases by then
+    result = tg.main(tiny_env(shards, tmp_path, NUM_EXPERTS=4, TOP_K=4, ROUTER="soft", EXPERT_HIDDEN=128,
+                              NUM_ITERATIONS=10, VAL_LOSS_EVERY=5))
+    log = Path(result["log"]).read_text()
+    losses = val_losses(log)
+    assert list(losses) == [0, 5, 10]
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.01)
+    assert losses[10] < 5 and result["val_loss"] < 5
+    reports = moe_lines(log)
+    assert set(reports) == {(s, layer) for s in (0, 5, 10) for layer in range(4)}
+    for fields in reports.values():
+        assert set(fields) == {"load_max", "load_min", "entropy", "aux", "zloss", "dropped"}
+        # every token reaches every expert: the load is even, nothing is dropped, and Switch's loss is 1
+        assert fields["load_max"] == fields["load_min"] == 1
+        assert fields["dropped"] == 0 and fields["aux"] == pytest.approx(1, abs=1e-4)
+        assert 0 < fields["entropy"] <= math.log(4) + 1e-3
+
+
+def test_two_processes_match_one(shards, tmp_path):
+    def run(nproc: int) -> str:
+        env = tiny_env(shards, tmp_path / f"np{nproc}", NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128,
+                       TRAIN_BATCH_TOKENS=512, TRAIN_SEQ_LEN=256, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2,
+                       BIAS_UPDATE_RATE=0.01)
+        env = {**{k: v for k, v in os.environ.items() if k not in tg.LAUNCHER_VARS}, **env, "OMP_NUM_THREADS": "1"}
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return (tmp_path / f"np{nproc}" / "logs" / "tiny.txt").read_text()
+
+    two, one = run(2), run(1)
+    assert '"world_size": 2' in two and '"world_size": 1' in one
+    losses_two, losses_one = val_losses(two), val_losses(one)
+    assert list(losses_one) == [0, 2, 4] and list(losses_two) == [0, 2, 4]
+    for step in losses_one:
+        assert losses_two[step] == pytest.approx(losses_one[step], abs=1e-5), f"step {step}"
+    assert losses_one[4] < losses_one[0] - 1
+    # the bias update runs on the all-reduced load: the expert loads agree, and they move with the bias
+    assert moe_lines(two) == moe_lines(one)
+    assert moe_lines(one)[4, 0] != moe_lines(one)[0, 0]
+
+
+# -----------------------------------------------------------------------------
+# Configuration errors
+
+@pytest.mark.parametrize("env,names", [
+    (dict(NUM_EXPERTS="4", TOP_K="5"), ["TOP_K=5", "NUM_EXPERTS=4"]),
+    (dict(NUM_EXPERTS="4", TOP_K="0"), ["TOP_K=0"]),
+    (dict(NUM_EXPERTS="4", EXPERT_HIDDEN="100"), ["EXPERT_HIDDEN=100", "128"]),
+    (dict(NUM_EXPERTS="4", ROUTER="bogus"), ["ROUTER='bogus'", "softmax"]),
+    (dict(NUM_EXPERTS="4", EXPERT_ACT="bogus"), ["EXPERT_ACT='bogus'", "swiglu"]),
+    (dict(NUM_EXPERTS="4", TOP_K="2", ROUTER="soft"), ["ROUTER=soft", "TOP_K"]),
+    (dict(NUM_EXPERTS="4", MOE_LAYERS="1,12"), ["MOE_LAYERS='1,12'", "NUM_LAYERS=12"]),
+    (dict(NUM_EXPERTS="4", MOE_LAYERS="a"), ["MOE_LAYERS='a'"]),
+    (dict(NUM_EXPERTS="4", CAPACITY_FACTOR="-1"), ["CAPACITY_FACTOR"]),
+])
+def test_config_errors_name_the_setting(env, names):
+    with pytest.raises(tg.ConfigError) as err:
+        tg.load_config(env)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_valid_moe_config_loads():
+    args = tg.load_config(dict(NUM_EXPERTS="8", TOP_K="2", ROUTER="sigmoid", EXPERT_ACT="swiglu", MOE_LAYERS="1,3"))
+    assert (args.num_experts, args.top_k, args.router, args.expert_act) == (8, 2, "sigmoid", "swiglu")
+    assert tg.expert_hidden(args) % 128 == 0
