@@ -506,9 +506,11 @@ class MoE(nn.Module):
             keep = (queue_pos < capacity)[inverse].view(T, k)
             gates = gates * keep
             dropped = 1 - keep.float().mean()
-        h = self.act(grouped_mm(permute_rows(x, order, inverse, k), self.w1, offsets))
-        y = permute_rows(grouped_mm(h, self.w2, offsets), inverse, order)
-        y = (y.view(T, k, -1).float() * gates.unsqueeze(-1)).sum(1).type_as(x)
+        # the gate scales the hidden rows before the second matmul (linear in them): it fuses into the activation,
+        # and the combine is a gather and a sum over the k copies, with no [T, k, d] product to store for backward
+        gate_rows = permute_rows(gates.reshape(-1, 1), order, inverse)
+        h = self.act(grouped_mm(permute_rows(x, order, inverse, k), self.w1, offsets)) * gate_rows
+        y = permute_rows(grouped_mm(h.type_as(x), self.w2, offsets), inverse, order).view(T, k, -1).sum(1)
         if self.shared is not None:
             y = y + self.shared(x)
         aux = torch.zeros((), device=x.device)

@@ -407,7 +407,13 @@ def test_two_processes_match_one(shards, tmp_path):
         assert losses_two[step] == pytest.approx(losses_one[step], abs=1e-5), f"step {step}"
     assert losses_one[4] < losses_one[0] - 1
     # the bias update runs on the all-reduced load: the expert loads agree, and they move with the bias
-    assert moe_lines(two) == moe_lines(one)
+    lines_two, lines_one = moe_lines(two), moe_lines(one)
+    assert lines_two.keys() == lines_one.keys()
+    for key in lines_one:  # loads are counts: equal; the float statistics agree to their printed precision
+        for f in ("load_max", "load_min"):
+            assert lines_two[key][f] == lines_one[key][f], (key, f)
+        for f in ("entropy", "aux", "zloss"):
+            assert lines_two[key][f] == pytest.approx(lines_one[key][f], abs=2e-3), (key, f)
     assert moe_lines(one)[4, 0] != moe_lines(one)[0, 0]
 
 
