@@ -30,6 +30,8 @@ MOE_LINE = re.compile(r"^moe\s+(.*)$")
 JSON_LINE = re.compile(r"^(run|config):\s+(\{.*)$")
 PEAK_LINE = re.compile(r"^peak memory (?:allocated|consumption):\s+(\d+) MiB")
 FIELD = re.compile(r"(\w+):(\S+)")
+# config keys that name or place a run without changing what it computes: they never split groups
+RUN_KEYS = "seed,run_id,log_dir,checkpoint_dir,save_every,save_checkpoint,resume,profile_steps"
 # nvidia-smi prints the date ("Sat Nov 16 01:23:45 2024") and one row per GPU ("|   0  NVIDIA H100 ...")
 SMI_DATE = re.compile(r"^\w{3} \w{3} +\d{1,2} \d\d:\d\d:\d\d \d{4}\s*$")
 SMI_GPU = re.compile(r"^\|\s+(\d+)\s+NVIDIA ")
@@ -325,7 +327,7 @@ def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) 
         for run in runs:
             groups.setdefault(f"code {run.code_sha or '-'}", []).append(run)
         return groups
-    # by config: runs whose configs agree except on the ignored keys (the seed) share a group,
+    # by config: runs whose configs agree except on the ignored keys (seed, run id, paths) share a group,
     # and a group is named by the keys on which the groups differ
     reduced = [{k: v for k, v in run.config.items() if k not in ignore} if run.config is not None else None
                for run in runs]
@@ -564,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--pattern", metavar="REGEX",
                          help="group by what REGEX matches in each log path (its first group if it has one); "
                               "overrides --by, e.g. 'logs/(\\w+)_seed'")
-    compare.add_argument("--ignore", default="seed", metavar="KEYS",
-                         help="comma-separated config keys that do not split groups with --by config (default: seed)")
+    compare.add_argument("--ignore", default=RUN_KEYS, metavar="KEYS",
+                         help=f"comma-separated config keys that do not split groups with --by config (default: {RUN_KEYS})")
     compare.add_argument("--target", type=float, metavar="LOSS", help="target val loss, e.g. 3.28")
     compare.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
 

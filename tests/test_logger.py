@@ -201,6 +201,15 @@ def test_groups_by_config_ignore_the_seed_and_are_named_by_what_differs(tmp_path
     assert table_row(out, "num_experts=0 seed=0")[1] == "1"
 
 
+def test_runs_differing_only_in_run_id_and_paths_share_a_group(tmp_path, capsys):
+    for i in range(2):
+        write_log(tmp_path / f"r{i}.txt", [(0, 0, 10.8), (800, 9e4, 3.30 + i / 100)], 800,
+                  {"run_id": f"r{i}", "log_dir": f"logs{i}", "checkpoint_dir": f"ck{i}"})
+    code, out, _ = run_cli(capsys, "compare", "--md", tmp_path)
+    assert code == 0
+    assert table_row(out, "same config")[1:3] == ["2", "3.3050 ± 0.0071"]
+
+
 def test_incomplete_runs_are_listed_but_left_out_of_the_statistics(capsys):
     code, out, _ = run_cli(capsys, "compare", "--md", "--by", "folder", FIXTURES)
     assert code == 0
