@@ -801,6 +801,9 @@ def main(env: dict | None = None):
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(args, world_size)
+    log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
+    if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
+        raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
@@ -979,7 +982,8 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         log(f"stopped: {reason}")
         raise NonFiniteLoss(f"{reason}" + (f"; the log is kept at {log.path}" if log.path else ""))
 
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose train loss was not finite
+    # the first step whose train loss was not finite, numbered as its `step:N/M` line (training step N-1 logs N)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     train_ms, val_loss = 0.0, float("nan")
     profiler = None
     sync()
@@ -989,11 +993,11 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if last or (args.val_loss_every and step % args.val_loss_every == 0):
             sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            bad = torch.where(first_bad < 0, args.num_iterations, first_bad)
+            bad = torch.where(first_bad < 0, args.num_iterations + 1, first_bad)
             if world_size > 1:  # the earliest bad step of any rank stops every rank at this same validation
                 dist.all_reduce(bad, op=dist.ReduceOp.MIN)
             bad = bad.item()
-            if bad < args.num_iterations:
+            if bad <= args.num_iterations:
                 stop(f"training loss became non-finite at step {bad}")
             val_loss = evaluate(step)
             done = step - start_step
@@ -1013,7 +1017,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             profiler = torch.profiler.profile(record_shapes=False, with_stack=False)
             profiler.__enter__()
         loss = train_step(step, train_loader.next_batch())
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
         if profiler is not None and step == start_step + 5 + args.profile_steps - 1:
             sync()
             profiler.__exit__(None, None, None)

@@ -87,8 +87,8 @@ def test_val_shards_must_hold_val_tokens_without_repeating(tmp_path):
 
 
 @pytest.mark.parametrize("phase,poisoned_call,stopped,before", [
-    # the only micro-step of step 0; the run stops at the next validation (step 3) without evaluating
-    ("train", 0, "training loss became non-finite at step 0", "step:3/20 train_time:"),
+    # the only micro-step of the first step (logged as step:1); the run stops at the next validation (step 3) without evaluating
+    ("train", 0, "training loss became non-finite at step 1", "step:3/20 train_time:"),
     # the second evaluation, which is logged before the run stops
     ("eval", 1, "validation loss became non-finite at step 2", "step:2/20 val_loss:nan "),
 ], ids=["train", "eval"])
@@ -125,7 +125,7 @@ def poisoned(self, *args):
     loss, aux = forward(self, *args)
     if self.training and os.environ["RANK"] == "1":
         calls.append(None)
-        if len(calls) == 2:  # step 1, on rank 1 only: a batch that overflows
+        if len(calls) == 2:  # the second step (logged as step:2), on rank 1 only: a batch that overflows
             loss = loss * float("nan")
     return loss, aux
 
@@ -138,14 +138,23 @@ except train_gpt.NonFiniteLoss as e:
 """
 
 
+def test_run_id_of_an_existing_log_is_refused(shared_shards, tmp_path):
+    log = tmp_path / "logs" / "tiny.txt"
+    log.parent.mkdir()
+    log.write_text("an earlier run\n")
+    with pytest.raises(train_gpt.ConfigError, match="RUN_ID=tiny"):
+        train_gpt.main(tiny_env(shared_shards, tmp_path))
+    assert log.read_text() == "an earlier run\n"
+
+
 def test_non_finite_loss_on_one_rank_stops_every_rank(shared_shards, tmp_path):
     # the validation at step 2 must stop rank 0 (which writes the log) too, naming the step where it happened
     script = tmp_path / "poisoned.py"
     script.write_text(POISON_ONE_RANK.format(root=str(ROOT)))
     r = torchrun(script, tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024))
     lines = (tmp_path / "logs" / "tiny.txt").read_text().splitlines()
-    assert lines[-1] == "stopped: training loss became non-finite at step 1", r.stderr[-3000:]
-    assert "rank 0 error: training loss became non-finite at step 1" in r.stderr
+    assert lines[-1] == "stopped: training loss became non-finite at step 2", r.stderr[-3000:]
+    assert "rank 0 error: training loss became non-finite at step 2" in r.stderr
 
 
 # -----------------------------------------------------------------------------
