@@ -1,0 +1,165 @@
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import train_gpt
+from conftest import tiny_env
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "run.sh"
+SETTINGS = {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
+LAUNCHER = {"NPROC", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "FETCH_DATA", "FETCH_SHARDS", "CUDA_VISIBLE_DEVICES"}
+# a stand-in for torchrun that records how it was called instead of training
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$CALLS/$(basename "$0").args"
+env > "$CALLS/$(basename "$0").env"
+"""
+
+
+def launch(settings: dict, cwd: Path, script: Path = RUN_SH, stubs: Path | None = None, timeout: int = 120):
+    # run.sh with the settings replacing any the environment has; stubs/ first on PATH, then this python's bin
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS | LAUNCHER}
+    path = [str(stubs)] if stubs else []
+    env["PATH"] = os.pathsep.join(path + [str(Path(sys.executable).parent), env.get("PATH", "")])
+    return subprocess.run(["bash", str(script)], cwd=cwd, env=env | settings, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    # torchrun records its arguments and environment into calls/; nvidia-smi lists 4 GPUs
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    stubs.mkdir()
+    calls.mkdir()
+    (stubs / "torchrun").write_text(RECORDER)
+    (stubs / "nvidia-smi").write_text("#!/usr/bin/env bash\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 80GB HBM3 "
+                                      "(UUID: GPU-$i)\"; done\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    return dict(stubs=stubs, calls=calls, env=dict(CALLS=str(calls), TRAIN_FILES="t_*.bin", VAL_FILES="v_*.bin"))
+
+
+def torchrun_args(recorder) -> list[str]:
+    return (recorder["calls"] / "torchrun.args").read_text().splitlines()
+
+
+# -----------------------------------------------------------------------------
+# Command line and launch arguments, against stand-ins for torchrun and nvidia-smi
+
+
+def test_help_exits_0_and_names_the_launcher_variables(tmp_path):
+    r = subprocess.run([str(RUN_SH), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("Usage:")
+    for name in ("NPROC", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "FETCH_DATA", "FETCH_SHARDS"):
+        assert name in r.stdout
+
+
+def test_an_argument_is_refused(tmp_path):
+    r = subprocess.run(["bash", str(RUN_SH), "NUM_EXPERTS=8"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "settings go through the environment" in r.stderr
+
+
+@pytest.mark.parametrize("settings, nproc", [
+    ({}, "4"),  # every GPU nvidia-smi lists
+    ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2"),  # the visible ones only
+    ({"NPROC": "3"}, "3"),
+])
+def test_one_process_per_gpu_standalone(recorder, tmp_path, settings, nproc):
+    r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    assert torchrun_args(recorder) == ["--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]
+
+
+def test_no_gpu_means_one_process(recorder, tmp_path):
+    (recorder["stubs"] / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    r = launch(recorder["env"], tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    assert "--nproc_per_node=1" in torchrun_args(recorder)
+
+
+def test_settings_reach_the_trainer_and_launcher_variables_do_not(recorder, tmp_path):
+    settings = dict(NUM_EXPERTS="8", TOP_K="2", NPROC="2", NNODES="1", RDZV_ID="x", FETCH_SHARDS="3")
+    r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    env = dict(line.split("=", 1) for line in (recorder["calls"] / "torchrun.env").read_text().splitlines()
+               if "=" in line)
+    assert env["NUM_EXPERTS"] == "8" and env["TOP_K"] == "2"
+    assert not {"NPROC", "NNODES", "RDZV_ID", "FETCH_SHARDS"} & env.keys()
+    train_gpt.load_config(env)  # nothing left in it looks like a misspelt setting
+
+
+def test_several_nodes_meet_through_c10d(recorder, tmp_path):
+    r = launch(recorder["env"] | dict(NNODES="2", NPROC="8", RDZV_ENDPOINT="node0:29500"), tmp_path,
+               stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    assert torchrun_args(recorder) == ["--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29500",
+                                       "--rdzv_id=moe_speedrun", "--nproc_per_node=8", str(ROOT / "train_gpt.py")]
+
+
+def test_several_nodes_without_endpoint_is_one_clear_error(recorder, tmp_path):
+    r = launch(recorder["env"] | dict(NNODES="2"), tmp_path, stubs=recorder["stubs"])
+    assert r.returncode != 0 and not (recorder["calls"] / "torchrun.args").exists()
+    assert len(r.stderr.strip().splitlines()) == 1 and "RDZV_ENDPOINT" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# The FineWeb check
+
+
+@pytest.fixture
+def bare_repo(tmp_path, recorder):
+    # run.sh in a repo without FineWeb shards, whose downloader records its arguments
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    shutil.copy(RUN_SH, repo)
+    shutil.copy(ROOT / "train_gpt.py", repo)
+    (repo / "data" / "cached_fineweb10B.py").write_text(
+        "import os, sys\nfrom pathlib import Path\n"
+        "Path(os.environ['CALLS'], 'download.args').write_text(' '.join(sys.argv[1:]))\n"
+        "out = Path(__file__).parent / 'fineweb10B'\nout.mkdir()\n"
+        "for name in ('fineweb_val_000000.bin', 'fineweb_train_000001.bin'):\n    (out / name).write_bytes(b'')\n")
+    env = {k: v for k, v in recorder["env"].items() if k not in ("TRAIN_FILES", "VAL_FILES")}
+    return dict(repo=repo, env=env, cwd=tmp_path)
+
+
+def test_missing_fineweb_says_how_to_get_it(bare_repo, recorder):
+    r = launch(bare_repo["env"], bare_repo["cwd"], script=bare_repo["repo"] / "run.sh", stubs=recorder["stubs"])
+    assert r.returncode == 1 and not (recorder["calls"] / "torchrun.args").exists()
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "python data/cached_fineweb10B.py 8" in r.stderr and "FETCH_DATA=1" in r.stderr
+
+
+def test_fineweb_check_looks_for_the_trainers_default_globs():
+    checked = re.findall(r'have_default "([^"]+)"', RUN_SH.read_text())
+    defaults = train_gpt.Hyperparameters()
+    assert checked == [defaults.train_files, defaults.val_files]
+
+
+def test_fetch_data_downloads_then_launches(bare_repo, recorder):
+    r = launch(bare_repo["env"] | dict(FETCH_DATA="1", FETCH_SHARDS="3"), bare_repo["cwd"],
+               script=bare_repo["repo"] / "run.sh", stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    assert (recorder["calls"] / "download.args").read_text() == "3"
+    assert torchrun_args(recorder)[-1] == str(bare_repo["repo"] / "train_gpt.py")
+
+
+# -----------------------------------------------------------------------------
+# A real run
+
+
+def test_tiny_run_from_another_directory(shared_shards, tmp_path):
+    # the real torchrun, one CPU process over gloo, started from outside the repo
+    settings = tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=2, VAL_LOSS_EVERY=0, VAL_TOKENS=1024)
+    r = launch(settings | dict(NPROC="1"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "logs" / "tiny.txt").read_text()
+    assert log.startswith((ROOT / "train_gpt.py").read_text())
+    assert '"world_size": 1' in log
+    assert re.search(r"^step:2/2 val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$", log, flags=re.M)
