@@ -30,14 +30,18 @@ def synthetic_tokens(n: int, seed: int) -> np.ndarray:
     return np.array(out[:n])
 
 
-@pytest.fixture
-def shards(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
+def make_shards(d: Path) -> Path:
+    # two train shards and a val shard of synthetic documents
     write_shard(d / "syn_train_000001.bin", synthetic_tokens(60_000, 1))
     write_shard(d / "syn_train_000002.bin", synthetic_tokens(60_000, 2))
     write_shard(d / "syn_val_000000.bin", synthetic_tokens(20_000, 3))
     return d
+
+
+@pytest.fixture
+def shards(tmp_path):
+    (tmp_path / "data").mkdir()
+    return make_shards(tmp_path / "data")
 
 
 def tiny_env(data: Path, out: Path, **overrides) -> dict:
@@ -55,8 +59,4 @@ def tiny_env(data: Path, out: Path, **overrides) -> dict:
 @pytest.fixture(scope="session")
 def shared_shards(tmp_path_factory):
     # the same shards as `shards`, written once for the tests that share training runs; treat as read-only
-    d = tmp_path_factory.mktemp("shared_data")
-    write_shard(d / "syn_train_000001.bin", synthetic_tokens(60_000, 1))
-    write_shard(d / "syn_train_000002.bin", synthetic_tokens(60_000, 2))
-    write_shard(d / "syn_val_000000.bin", synthetic_tokens(20_000, 3))
-    return d
+    return make_shards(tmp_path_factory.mktemp("shared_data"))
