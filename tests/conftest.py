@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,14 @@ def tiny_env(data: Path, out: Path, **overrides) -> dict:
 def shared_shards(tmp_path_factory):
     # the same shards as `shards`, written once for the tests that share training runs; treat as read-only
     return make_shards(tmp_path_factory.mktemp("shared_data"))
+
+
+def launch(script: Path, settings: dict, nproc: int = 2, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    # nproc CPU processes over gloo (torchrun when more than one), one thread each; the settings replace any
+    # trainer or launcher variable the environment has
+    import train_gpt
+    names = {f.name.upper() for f in fields(train_gpt.Hyperparameters)} | train_gpt.LAUNCHER_VARS
+    env = {k: v for k, v in os.environ.items() if k not in names} | settings | dict(OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)

@@ -1,8 +1,5 @@
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +8,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from conftest import ROOT, tiny_env
+from conftest import ROOT, launch, tiny_env
 import train_gpt as tg
 
 
@@ -392,10 +389,7 @@ def test_two_processes_match_one(shards, tmp_path):
         env = tiny_env(shards, tmp_path / f"np{nproc}", NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128,
                        TRAIN_BATCH_TOKENS=512, TRAIN_SEQ_LEN=256, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2,
                        BIAS_UPDATE_RATE=0.01)
-        env = {**{k: v for k, v in os.environ.items() if k not in tg.LAUNCHER_VARS}, **env, "OMP_NUM_THREADS": "1"}
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (tmp_path / f"np{nproc}" / "logs" / "tiny.txt").read_text()
 

@@ -1,10 +1,7 @@
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import synthetic_tokens, tiny_env, write_shard
+from conftest import launch, synthetic_tokens, tiny_env, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(nan|\d+\.\d{2})ms$")
@@ -23,14 +20,6 @@ SHORT = dict(NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024)
 
 def val_lines(log: Path) -> dict[int, str]:
     return {int(m[1]): m[3] for m in map(VAL_LINE.match, log.read_text().splitlines()) if m}
-
-
-def torchrun(script: Path, settings: dict) -> subprocess.CompletedProcess:
-    # 2 CPU processes over gloo, one thread each; the settings replace any the environment has
-    names = {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
-    env = {k: v for k, v in os.environ.items() if k not in names} | settings | dict(OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,7 +140,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(shared_shards, tmp_path):
     # the validation at step 2 must stop rank 0 (which writes the log) too, naming the step where it happened
     script = tmp_path / "poisoned.py"
     script.write_text(POISON_ONE_RANK.format(root=str(ROOT)))
-    r = torchrun(script, tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024))
+    r = launch(script, tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024))
     lines = (tmp_path / "logs" / "tiny.txt").read_text().splitlines()
     assert lines[-1] == "stopped: training loss became non-finite at step 2", r.stderr[-3000:]
     assert "rank 0 error: training loss became non-finite at step 2" in r.stderr
@@ -192,7 +181,7 @@ def test_fp8_head_falls_back_to_bf16_on_cpu(short_run):
 
 def test_two_ranks_match_gradient_accumulation(short_run, tmp_path):
     # 512 tokens per step: 1 process x 2 micro-steps (short_run) vs 2 gloo processes x 1 micro-step
-    r = torchrun(ROOT / "train_gpt.py", tiny_env(short_run["data"], tmp_path, RUN_ID="ddp", FP8_HEAD=1,
+    r = launch(ROOT / "train_gpt.py", tiny_env(short_run["data"], tmp_path, RUN_ID="ddp", FP8_HEAD=1,
                                                  SAVE_CHECKPOINT=1, **SHORT))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     log = tmp_path / "logs" / "ddp.txt"
