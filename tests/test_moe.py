@@ -272,6 +272,52 @@ def test_top1_router_still_learns(router):
 
 
 # -----------------------------------------------------------------------------
+# Router matmul and top-k selection
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_router_logits_of_bf16_input_are_fp32_exact():
+    # bf16 activations, fp32 router: the split-weight products must match fp64 to fp32-like precision, forward and
+    # both gradients, where a plain bf16 product is off by ~1e-3
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64).bfloat16().requires_grad_(True)
+    w = (torch.randn(8, 64) * 0.1).requires_grad_(True)
+    g = torch.randn(4096, 8)
+    out = tg.router_logits(x, w)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    x64, w64, g64 = x.detach().double(), w.detach().double(), g.double()
+    assert out.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    assert rel(out, x64 @ w64.T) < 2e-5
+    assert rel(x.detach() @ w.detach().bfloat16().T, x64 @ w64.T) > 1e-3  # what the split avoids
+    assert rel(dw, g64.T @ x64) < 2e-5
+    assert rel(dx, (g64 @ w64).bfloat16()) < 5e-4  # as good as rounding the exact gradient to bf16
+
+
+def test_router_logits_of_fp32_input_are_plain_linear():
+    x, w = torch.randn(16, 32, dtype=torch.float64).float(), torch.randn(4, 32)
+    torch.testing.assert_close(tg.router_logits(x, w), x @ w.T)
+
+
+@pytest.mark.parametrize("E,K", [(4, 1), (8, 2), (8, 8), (32, 4)])
+def test_top_indices_are_the_k_largest(E, K):
+    torch.manual_seed(E + K)
+    scores = torch.randn(1000, E)  # continuous: no ties
+    got = tg.top_indices(scores, K)
+    assert got.shape == (1000, K) and got.dtype == torch.int64
+    torch.testing.assert_close(got.sort(-1).values, scores.topk(K, dim=-1).indices.sort(-1).values, rtol=0, atol=0)
+
+
+def test_top_indices_skip_a_masked_expert():
+    # the bias balancing can push an expert to -1e9: it is picked only when K leaves no other choice
+    scores = torch.rand(100, 4)
+    scores[:, 2] -= 1e9
+    assert not (tg.top_indices(scores, 3) == 2).any()
+    assert (tg.top_indices(scores, 4).sort(-1).values == torch.arange(4)).all()
+
+
+# -----------------------------------------------------------------------------
 # Muon on stacked experts
 
 def test_orthogonalize_is_per_expert():
