@@ -162,6 +162,7 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.num_heads >= 1 and args.head_dim % 8 == 0 and args.head_dim > 0,
          f"NUM_HEADS={args.num_heads} x HEAD_DIM={args.head_dim}: need at least one head and HEAD_DIM a multiple of 8")
     need(args.num_layers >= 1, "NUM_LAYERS must be at least 1")
+    need(args.ns_steps >= 1, f"NS_STEPS={args.ns_steps}: Muon needs at least 1 Newton-Schulz iteration")
     need(2 * args.num_value_embeds <= args.num_layers,
          f"NUM_VALUE_EMBEDS={args.num_value_embeds} tables are used twice each, which needs NUM_LAYERS >= "
          f"{2 * args.num_value_embeds}, not {args.num_layers}")
@@ -246,22 +247,37 @@ def has_fp8(device: torch.device) -> bool:
 # Muon: momentum, then Newton-Schulz orthogonalization of each matrix, batched over matrices of one shape
 
 def orthogonalize(G: Tensor, steps: int) -> Tensor:
-    # quintic Newton-Schulz iteration (Keller Jordan); G is [..., m, n], each trailing matrix on its own
+    # quintic Newton-Schulz iteration (Keller Jordan); G is [..., m, n], each trailing matrix on its own. The Gram
+    # matrix is taken over the shorter side and a tall X is multiplied from the right: nothing is transposed.
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16().reshape(-1, *G.shape[-2:])
     tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    return X.mT if tall else X
+    A = X.mT @ X if tall else X @ X.mT
+    # ||X||_F^2 is the trace of the Gram matrix: X is normalized through A and the first B, never in a pass of its own
+    scale = 1 / (A.diagonal(dim1=-2, dim2=-1).float().sum(-1, keepdim=True).sqrt() + 1e-7).unsqueeze(-1)
+    A = (A * scale ** 2).bfloat16()
+    eye = torch.eye(A.size(-1), device=A.device)
+    for i in range(steps):
+        if i:
+            A = X.mT @ X if tall else X @ X.mT
+        # a X + (b A + c A^2) X = (a I + b A + c A^2) X: the a X term rides on the small Gram-sized matrix, so X
+        # goes through one plain product (baddbmm's a X cost a copy of X and a read of it in every iteration)
+        B = ((a * eye + b * A + c * (A @ A)) * (scale if i == 0 else 1)).bfloat16()
+        X = X @ B if tall else B @ X
+    return X.reshape(G.shape)
+
+def momentum_stack(grads: list[Tensor], bufs: list[Tensor], momentum: Tensor) -> Tensor:
+    # Nesterov momentum, then the updates cast to bf16 and stacked for Newton-Schulz (which reads bf16 anyway):
+    # compiled, one pass over grads and buffers instead of lerp, lerp, cat and cast
+    m, n = grads[0].shape[-2:]
+    for g, buf in zip(grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+    return torch.cat([g.lerp(buf, momentum).bfloat16().view(-1, m, n) for g, buf in zip(grads, bufs)])
 
 class Muon(torch.optim.Optimizer):
     # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape.
     # Each rank orthogonalizes a contiguous share of the stacked matrices, then all_gather (async, overlapped).
+    # The momentum reaches the compiled part as a device tensor, so its warmup causes no recompilation.
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
                  compiled: bool = False):
         params = list(params)
@@ -269,19 +285,22 @@ class Muon(torch.optim.Optimizer):
         groups = [dict(params=[p for p in params if tuple(p.shape[-2:]) == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         self.rank, self.world_size = rank, world_size
-        self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
+        compile = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
+        self.orthogonalize, self.momentum_stack = compile(orthogonalize), compile(momentum_stack)
+        self.momentum = torch.zeros(len(groups), device=params[0].device)
 
     @torch.no_grad()
     def step(self):
         pending = []
-        for group in self.param_groups:
+        for group, momentum in zip(self.param_groups, self.momentum):
             params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-            updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
             m, n = params[0].shape[-2:]
-            stacked = torch.cat([u.view(-1, m, n) for u in updates])
+            momentum.fill_(group["momentum"])
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            stacked = self.momentum_stack([p.grad for p in params], bufs, momentum)
             share = -(-stacked.size(0) // self.world_size)
             if stacked.size(0) < share * self.world_size:
                 stacked = torch.cat([stacked, stacked.new_zeros(share * self.world_size - stacked.size(0), m, n)])

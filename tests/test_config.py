@@ -65,6 +65,7 @@ def test_negative_value_is_rejected():
     (dict(TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="3000"), 1, "TRAIN_BATCH_TOKENS=3000"),
     (dict(TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="3072"), 2, "TRAIN_BATCH_TOKENS=3072"),  # fine on 1 GPU, not 2
     (dict(VAL_SEQ_LEN="1024", VAL_TOKENS="3072"), 2, "VAL_TOKENS=3072"),
+    (dict(NS_STEPS="0"), 1, "NS_STEPS"),
     (dict(NUM_LAYERS="12", NO_ATTN_LAYERS="12"), 1, "NO_ATTN_LAYERS='12'"),
     (dict(NUM_LAYERS="12", NO_ATTN_LAYERS="3,x"), 1, "NO_ATTN_LAYERS='3,x'"),
     (dict(NUM_LAYERS="6", NO_ATTN_LAYERS="", LONG_WINDOW_LAYERS="0,6"), 1, "LONG_WINDOW_LAYERS='0,6'"),
