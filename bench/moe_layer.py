@@ -1,18 +1,26 @@
 # MoE layer microbenchmark (shared/BENCHMARK.md): one MLP layer, forward + backward, T = 49,152 tokens, d = 768,
 # bf16, compiled. Prints time / dense for each variant, checks the MoE against a per-expert loop reference, and
-# with --profile the top kernels of one MoE forward + backward.
+# with --profile the top kernels of one MoE forward + backward. --against OTHER/train_gpt.py times another version
+# of the trainer's layer in the same process, interleaved round by round, so an A/B is not lost in run-to-run noise.
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg
 
 
-def reference_moe(moe: tg.MoE, x: torch.Tensor) -> torch.Tensor:
+def load_trainer(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_moe(moe, x: torch.Tensor) -> torch.Tensor:
     # per-expert loop over the same routing, fp32
     logits, probs, experts, gates = moe.route(x)
     y = torch.zeros_like(x, dtype=torch.float32)
@@ -53,7 +61,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=49152)
     ap.add_argument("--configs", default="8x2,32x4", help="comma-separated EXPERTSxTOPK")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=30, help="timed iterations per round (the median is kept)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over all variants; each prints its ratios")
+    ap.add_argument("--against", help="path of another train_gpt.py whose MoE layer is timed alongside")
     ap.add_argument("--profile", action="store_true")
     opts = ap.parse_args()
     tg.pick_device(0)
@@ -63,28 +73,42 @@ def main():
     g = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     dense = tg.MLP(d, 3072).cuda()
     torch.nn.init.normal_(dense.c_proj.weight, std=0.02)
-    t_dense = timed(make_step(dense, x, g), opts.iters)
-    print(f"dense ReLU^2 MLP (hidden 3072): {t_dense:.3f} ms fwd+bwd")
+    steps = {"dense": make_step(dense, x, g)}
+    trainers = {"this": tg} | ({"against": load_trainer(opts.against, "train_gpt_against")} if opts.against else {})
     for cfg in opts.configs.split(","):
         E, K = map(int, cfg.split("x"))
-        args = tg.Hyperparameters(num_experts=E, top_k=K, model_dim=d, mlp_hidden=3072)
-        moe = tg.MoE(args).cuda()
-        torch.nn.init.normal_(moe.w2, std=0.02)
-        with torch.no_grad():
-            ref = reference_moe(moe, x)
-            out = moe(x)[0].float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        t = timed(make_step(moe, x, g), opts.iters)
-        print(f"E{E} top-{K} hidden {tg.expert_hidden(args)}: {t:.3f} ms fwd+bwd = {t / t_dense:.2f}x dense "
-              f"(rel err vs loop reference {err:.1e})")
-        if opts.profile:
-            step = make_step(moe, x, g)
-            step()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        for name, module in trainers.items():
+            args = module.Hyperparameters(num_experts=E, top_k=K, model_dim=d, mlp_hidden=3072)
+            torch.manual_seed(0)
+            moe = module.MoE(args).cuda()
+            torch.nn.init.normal_(moe.w2, std=0.02)
+            with torch.no_grad():
+                ref = reference_moe(moe, x)
+                out = moe(x)[0].float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            print(f"{name}: E{E} top-{K} hidden {module.expert_hidden(args)}, rel err vs loop reference {err:.1e}")
+            steps[f"{name} E{E}K{K}"] = make_step(moe, x, g)
+    results = {key: [] for key in steps}
+    for r in range(opts.rounds):
+        times = {key: timed(step, opts.iters) for key, step in steps.items()}
+        for key, t in times.items():
+            results[key].append(t / times["dense"])
+        print(f"round {r + 1}: " + ", ".join(f"{key} {t:.3f} ms ({t / times['dense']:.2f}x)" for key, t in times.items()),
+              flush=True)
+    for key, ratios in results.items():
+        if key != "dense":
+            print(f"{key}: median {sorted(ratios)[len(ratios) // 2]:.3f}x dense over {opts.rounds} rounds "
+                  f"(min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
+    if opts.profile:
+        for key, step in steps.items():
+            if key.startswith("this E"):
+                step()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+                print(f"{key}: kernels of 5 forward + backward passes")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
 
 if __name__ == "__main__":
