@@ -3,7 +3,6 @@
 # OTHER/train_gpt.py that version's Muon on the same matrices, interleaved round by round, and with --profile the
 # top kernels of this version's step.
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,18 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg
-
-
-def timed(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from moe_layer import load_trainer, timed
 
 
 def main():
@@ -43,9 +31,7 @@ def main():
           f"{len(muon.param_groups)} shape groups, {args.ns_steps} Newton-Schulz steps")
     optimizers = {"this": muon}
     if opts.against:
-        spec = importlib.util.spec_from_file_location("train_gpt_against", opts.against)
-        other = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(other)
+        other = load_trainer(opts.against, "train_gpt_against")
         copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
         optimizers["against"] = other.Muon(copies, lr=args.muon_lr, momentum=args.muon_momentum,
                                            ns_steps=args.ns_steps, compiled=True)
