@@ -52,6 +52,7 @@ def make_step(layer, x, g):
         out = compiled(x)
         y = out[0] if isinstance(out, tuple) else out
         y.backward(g)
+        x.grad = None  # else every iteration adds an eager accumulation of x's gradient to both variants
         for p in layer.parameters():
             p.grad = None
     return step
