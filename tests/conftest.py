@@ -6,9 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    # relative error ||a - b|| / ||b||, in float64 so that it resolves fp32-level differences
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def write_shard(path: Path, tokens) -> Path:

@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from conftest import ROOT, launch, tiny_env
+from conftest import ROOT, launch, rel_err, tiny_env
 import train_gpt as tg
 
 
@@ -274,10 +274,6 @@ def test_top1_router_still_learns(router):
 # -----------------------------------------------------------------------------
 # Router matmul and top-k selection
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def test_router_logits_of_bf16_input_are_fp32_exact():
     # bf16 activations, fp32 router: the split-weight products must match fp64 to fp32-like precision, forward and
     # both gradients, where a plain bf16 product is off by ~1e-3
@@ -289,10 +285,10 @@ def test_router_logits_of_bf16_input_are_fp32_exact():
     dx, dw = torch.autograd.grad(out, (x, w), g)
     x64, w64, g64 = x.detach().double(), w.detach().double(), g.double()
     assert out.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
-    assert rel(out, x64 @ w64.T) < 2e-5
-    assert rel(x.detach() @ w.detach().bfloat16().T, x64 @ w64.T) > 1e-3  # what the split avoids
-    assert rel(dw, g64.T @ x64) < 2e-5
-    assert rel(dx, (g64 @ w64).bfloat16()) < 5e-4  # as good as rounding the exact gradient to bf16
+    assert rel_err(out, x64 @ w64.T) < 2e-5
+    assert rel_err(x.detach() @ w.detach().bfloat16().T, x64 @ w64.T) > 1e-3  # what the split avoids
+    assert rel_err(dw, g64.T @ x64) < 2e-5
+    assert rel_err(dx, (g64 @ w64).bfloat16()) < 5e-4  # as good as rounding the exact gradient to bf16
 
 
 def test_router_logits_of_fp32_input_are_plain_linear():

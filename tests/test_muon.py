@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rel_err
 from train_gpt import Muon, orthogonalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +20,6 @@ def with_singular_values(m: int, n: int, seed: int) -> tuple[torch.Tensor, torch
     v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
     s = torch.linspace(1.0, 0.05, k)
     return u @ torch.diag(s) @ v.T, u @ v.T
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

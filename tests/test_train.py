@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import launch, synthetic_tokens, tiny_env, write_shard
+from conftest import launch, rel_err, synthetic_tokens, tiny_env, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(nan|\d+\.\d{2})ms$")
@@ -20,10 +20,6 @@ SHORT = dict(NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, VAL_TOKENS=1024)
 
 def val_lines(log: Path) -> dict[int, str]:
     return {int(m[1]): m[3] for m in map(VAL_LINE.match, log.read_text().splitlines()) if m}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 # -----------------------------------------------------------------------------
