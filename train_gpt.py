@@ -526,7 +526,7 @@ class MoE(nn.Module):
         self.shared = MLP(dim, hidden * args.shared_experts, args.expert_act) if args.shared_experts else None
         self.register_buffer("bias", torch.zeros(E))  # selection-only bias of the auxiliary-loss-free balancing
         self.register_buffer("load", torch.zeros(E))  # assignments per expert since the last reset
-        self.register_buffer("stats", torch.zeros(5))  # calls, entropy, switch loss, z-loss, dropped share (sums)
+        self.register_buffer("stats", torch.zeros(6))  # calls, entropy, switch loss, z-loss, dropped share, gate_min (sums)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits = router_logits(x, self.router)  # router math in fp32
@@ -584,7 +584,9 @@ class MoE(nn.Module):
             self.load.add_(counts.float())
             if not self.training:  # the statistics are reported from validation, so training skips them
                 entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-                self.stats.add_(torch.stack([torch.ones_like(z), entropy, switch, z, dropped]))
+                # each token's smallest gate: 1/k when its k experts mix evenly, near 0 when top-k acts as top-1
+                gate_min = gates.min(-1).values.mean()
+                self.stats.add_(torch.stack([torch.ones_like(z), entropy, switch, z, dropped, gate_min]))
         return y.view(shape), aux
 
     def reset_stats(self):
@@ -847,9 +849,9 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
     lines = []
     for layer, m in moes:
         load = m.load / m.load.mean()
-        calls, entropy, switch, z, dropped = (m.stats / m.stats[0].clamp_min(1)).tolist()
+        calls, entropy, switch, z, dropped, gate_min = (m.stats / m.stats[0].clamp_min(1)).tolist()
         lines.append(f"moe step:{step} layer:{layer} load_max:{load.max().item():.3f} load_min:{load.min().item():.3f} "
-                     f"entropy:{entropy:.3f} aux:{switch:.4f} zloss:{z:.4f} dropped:{dropped:.4f}")
+                     f"entropy:{entropy:.3f} aux:{switch:.4f} zloss:{z:.4f} dropped:{dropped:.4f} gate_min:{gate_min:.4f}")
     return lines
 
 # -----------------------------------------------------------------------------
