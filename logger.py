@@ -243,9 +243,15 @@ def final_balance(run: Run) -> str:
     return f"{busiest:.2f}/{idlest:.2f}"
 
 
+def final_gate_min(run: Run) -> str:
+    # the smallest per-layer gate_min at the last validation: near 0 means some layer's top-k acts as top-1
+    values = [layer["gate_min"] for layer in run.moe[max(run.moe)].values() if "gate_min" in layer] if run.moe else []
+    return f"{min(values):.3f}" if values else "-"
+
+
 def summary_table(runs: list[Run], markdown: bool) -> str:
     header = ["run", "date", "code", "experts", "top_k", "router", "gpus", "tokens/step", "steps", "val loss",
-              "train time [s]", "step avg [ms]", "tok/s/gpu", "peak mem [MiB]", "load max/min", "status"]
+              "train time [s]", "step avg [ms]", "tok/s/gpu", "peak mem [MiB]", "load max/min", "gate min", "status"]
     rows = []
     for run in runs:
         config = run.config or {}
@@ -268,6 +274,7 @@ def summary_table(runs: list[Run], markdown: bool) -> str:
             fmt(tokens_per_gpu_s, ",.0f"),
             fmt(run.peak_mib),
             final_balance(run),
+            final_gate_min(run),
             "complete" if run.complete else "incomplete",
         ])
     return render(header, rows, markdown)
@@ -551,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         "summary", parents=[logs], help="one row per run: config, final val loss, timing, memory, expert balance",
         description="Print one row per run: run id, date, source hash, key config, steps, final val loss, "
                     "train time, mean step time, tokens/s per GPU, peak memory, "
-                    "final expert load (max/min over layers).")
+                    "final expert load (max/min over layers) and the smallest per-layer gate_min "
+                    "(near 0: top-k acting as top-1).")
     summary.add_argument("--md", action="store_true", help="print a markdown table instead of plain text")
 
     compare = commands.add_parser(

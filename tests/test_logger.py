@@ -77,6 +77,8 @@ def check_trainer_log(path: Path) -> logger.Run:
     if run.config["num_experts"]:
         assert set(run.moe) == {p.step for p in run.val}, "every val line is followed by its moe lines"
         assert all({"load_max", "load_min"} <= set(stats) for layers in run.moe.values() for stats in layers.values())
+        k = run.config["top_k"]
+        assert all(0 < stats["gate_min"] <= 1 / k + 1e-4 for layers in run.moe.values() for stats in layers.values())
     for command in (["summary"], ["summary", "--md"], ["compare", "--md", "--target", "99"]):
         assert logger.main([*command, str(path)]) == 0
     return run
@@ -99,7 +101,7 @@ def test_parses_every_field_of_a_train_gpt_log():
     assert (run.last_step, run.num_iterations, run.train_time_ms, run.step_avg_ms) == (400, 400, 44150, 110.38)
     assert sorted(run.moe) == [100, 200, 300, 400] and sorted(run.moe[400]) == [0, 1]
     assert run.moe[400][0] == {"load_max": 1.53, "load_min": 0.402, "entropy": 1.9, "aux": 0.0123, "zloss": 0.0012,
-                               "dropped": 0.0}
+                               "dropped": 0.0, "gate_min": 0.312}
     assert run.peak_mib == 30822 and run.complete
 
 
@@ -150,8 +152,10 @@ def test_summary_has_one_row_per_run_with_the_key_figures(capsys):
     assert moe["step avg [ms]"] == "110.38"
     assert moe["tok/s/gpu"] == f"{49152 / 0.11038:,.0f}"
     assert (moe["peak mem [MiB]"], moe["load max/min"], moe["status"]) == ("30822", "1.53/0.40", "complete")
+    assert moe["gate min"] == "0.312", "the smaller of the two layers' gate_min at step 400"
     died = dict(zip(columns, table_row(md, "81aa07c3-moe-e8k2-died")))
     assert (died["steps"], died["status"], died["peak mem [MiB]"]) == ("250/400", "incomplete", "-")
+    assert died["gate min"] == "-", "logs from before gate_min have none"
     modded = dict(zip(columns, table_row(md, "modded_nanogpt")))
     assert [modded[c] for c in ("tokens/step", "experts", "gpus", "date")] == ["-", "-", "8", "2024-11-16 01:23"]
 
