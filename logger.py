@@ -234,10 +234,15 @@ def heading(title: str, markdown: bool) -> str:
 # -----------------------------------------------------------------------------
 # summary
 
+def final_layers(run: Run) -> list[dict[str, float]]:
+    # the per-layer MoE statistics of the last validation (none for a dense run)
+    return list(run.moe[max(run.moe)].values()) if run.moe else []
+
+
 def final_balance(run: Run) -> str:
-    if not run.moe:
+    layers = final_layers(run)
+    if not layers:
         return "-"
-    layers = run.moe[max(run.moe)].values()
     busiest = max(layer.get("load_max", math.nan) for layer in layers)
     idlest = min(layer.get("load_min", math.nan) for layer in layers)
     return f"{busiest:.2f}/{idlest:.2f}"
@@ -245,7 +250,7 @@ def final_balance(run: Run) -> str:
 
 def final_gate_min(run: Run) -> str:
     # the smallest per-layer gate_min at the last validation: near 0 means some layer's top-k acts as top-1
-    values = [layer["gate_min"] for layer in run.moe[max(run.moe)].values() if "gate_min" in layer] if run.moe else []
+    values = [layer["gate_min"] for layer in final_layers(run) if "gate_min" in layer]
     return f"{min(values):.3f}" if values else "-"
 
 
