@@ -2,6 +2,8 @@
 # bf16, compiled. Prints time / dense for each variant, checks the MoE against a per-expert loop reference, and
 # with --profile the top kernels of one MoE forward + backward. --against OTHER/train_gpt.py times another version
 # of the trainer's layer in the same process, interleaved round by round, so an A/B is not lost in run-to-run noise.
+# --gemms times the layer's grouped GEMMs alone, each operand layout its backward could use, beside dense products
+# of the same size.
 import argparse
 import importlib.util
 import sys
@@ -45,6 +47,37 @@ def timed(fn, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_gemms(T: int, d: int, E: int, k: int, hidden: int, iters: int):
+    # the six products of one MoE layer (E experts, top-k, tokens spread evenly), in eager mode
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    rows = T * k
+    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (rows // E)
+    xp, dpre = torch.randn(rows, d, **bf), torch.randn(rows, hidden, **bf)
+    w = torch.randn(E, hidden, d, **bf)
+    w_rows = w.mT.contiguous()  # [E, d, h]
+    dpre_t, xp_cols = dpre.T.contiguous(), xp.T.contiguous().T  # K-major operands of the weight gradient
+    dense_w = torch.randn(d, k * hidden, **bf)
+    gmm = torch._grouped_mm
+    flop = 2 * rows * d * hidden
+    cases = {
+        "forward x @ w.mT (w [E,h,d]: B column-major)": lambda: gmm(xp, w.mT, offs=offs),
+        "forward x @ w (w [E,d,h]: B row-major)": lambda: gmm(xp, w_rows, offs=offs),
+        "dx dpre @ w (B row-major)": lambda: gmm(dpre, w, offs=offs),
+        "dw dpre.T @ x (autograd's choice: A column-major, B row-major)": lambda: gmm(dpre.T, xp, offs=offs),
+        "dw x.T @ dpre (the transpose)": lambda: gmm(xp.T, dpre, offs=offs),
+        "dw K-major operands, copies made beforehand": lambda: gmm(dpre_t, xp_cols, offs=offs),
+        "dw K-major operands, copies included": lambda: gmm(dpre.T.contiguous(), xp.T.contiguous().T, offs=offs),
+        "dense mm [T*k, d] @ [d, h]": lambda: xp @ w[0].T,
+        "dense mm [T, d] @ [d, k*h] (the dense MLP's)": lambda: xp[:T] @ dense_w,
+        "dense dw [h, T*k] @ [T*k, d]": lambda: dpre.T @ xp,
+        "bmm [E, T*k/E, d] @ [E, d, h]": lambda: torch.bmm(xp.view(E, -1, d), w.mT),
+    }
+    print(f"grouped GEMMs of E{E} top-{k}, T {T}, d {d}, hidden {hidden}: {flop / 1e9:.0f} GFLOP each")
+    for name, fn in cases.items():
+        t = timed(fn, iters)
+        print(f"  {name}: {t * 1e3:.0f} us, {flop / t / 1e9:.0f} TFLOP/s")
+
+
 def make_step(layer, x, g):
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
 
@@ -66,8 +99,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="rounds over all variants; each prints its ratios")
     ap.add_argument("--against", help="path of another train_gpt.py whose MoE layer is timed alongside")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--gemms", action="store_true", help="time the grouped GEMMs alone and exit")
     opts = ap.parse_args()
     tg.pick_device(0)
+    if opts.gemms:
+        for cfg in opts.configs.split(","):
+            E, K = map(int, cfg.split("x"))
+            time_gemms(opts.tokens, 768, E, K, 3072 // K, opts.iters)
+        return
     torch.manual_seed(0)
     T, d = opts.tokens, 768
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
