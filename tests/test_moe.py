@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -355,6 +356,28 @@ def tiny_gpt_args() -> tg.Hyperparameters:
     return tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
                               head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
                               num_value_embeds=1, train_seq_len=256, val_seq_len=256, window_max=256)
+
+
+@pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
+def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_optimizer):
+    args = dataclasses.replace(tiny_gpt_args(), router="noisy", shared_experts=1, router_lr=0.0007,
+                               matrix_optimizer=matrix_optimizer, adamw_lr=0.0011)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
+    lr_of = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                assert id(p) not in lr_of, "a parameter is in two groups"
+                lr_of[id(p)] = (type(opt).__name__, group["lr"])
+    named = dict(model.named_parameters())
+    assert set(lr_of) == {id(p) for p in named.values()}
+    matrix = ("Muon", args.muon_lr) if matrix_optimizer == "muon" else ("AdamW", args.adamw_lr)
+    moe = model.blocks[0].mlp
+    assert lr_of[id(moe.router)] == lr_of[id(moe.router_noise)] == ("AdamW", 0.0007)
+    for p in (moe.w1, moe.w2, moe.shared.c_fc.weight, moe.shared.c_proj.weight):
+        assert lr_of[id(p)] == matrix
+    assert lr_of[id(model.lm_head.weight)] == ("AdamW", args.head_lr)
 
 
 def test_compiles_without_graph_breaks_or_recompiles():
