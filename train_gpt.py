@@ -68,7 +68,7 @@ class Hyperparameters:
     num_experts: int = 0  # 0 = dense MLP everywhere
     top_k: int = 2
     moe_layers: str = ""  # comma-separated layer indices; empty = every layer
-    expert_hidden: int = 0  # 0 = iso-FLOP with the dense MLP: mlp_hidden / top_k (x2/3 for swiglu), rounded to 128
+    expert_hidden: int = 0  # 0 = iso-FLOP with the dense MLP: mlp_hidden / (top_k + shared_experts), x2/3 for swiglu
     expert_act: str = "relu2"  # relu2 | swiglu
     shared_experts: int = 0  # always-on experts of width expert_hidden, added to the routed ones
     router: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek) | noisy (noisy top-k) | soft (dense gating)
@@ -137,7 +137,8 @@ def layer_list(name: str, text: str, num_layers: int) -> list[int]:
 def expert_hidden(args: Hyperparameters) -> int:
     if args.expert_hidden:
         return args.expert_hidden
-    k = args.num_experts if args.router == "soft" else args.top_k
+    # every token goes through k routed experts and the shared ones: together they match the dense MLP's FLOPs
+    k = (args.num_experts if args.router == "soft" else args.top_k) + args.shared_experts
     width = args.mlp_hidden / k * (2 / 3 if args.expert_act == "swiglu" else 1)
     return max(128, round(width / 128) * 128)
 

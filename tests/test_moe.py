@@ -503,6 +503,19 @@ def test_config_errors_name_the_setting(env, names):
         assert name in str(err.value)
 
 
+@pytest.mark.parametrize("env,hidden", [
+    (dict(TOP_K="2"), 1536),
+    (dict(TOP_K="1", SHARED_EXPERTS="1"), 1536),  # the shared expert takes its share of the dense MLP's FLOPs
+    (dict(TOP_K="2", SHARED_EXPERTS="2"), 768),
+    (dict(TOP_K="2", EXPERT_ACT="swiglu"), 1024),  # three matrices instead of two
+    (dict(TOP_K="8", ROUTER="soft"), 384),  # every token through every expert
+    (dict(TOP_K="2", EXPERT_HIDDEN="640"), 640),
+])
+def test_default_expert_width_is_iso_flop(env, hidden):
+    args = tg.load_config(dict(NUM_EXPERTS="8", **env))
+    assert tg.expert_hidden(args) == hidden
+
+
 def test_valid_moe_config_loads():
     args = tg.load_config(dict(NUM_EXPERTS="8", TOP_K="2", ROUTER="sigmoid", EXPERT_ACT="swiglu", MOE_LAYERS="1,3"))
     assert (args.num_experts, args.top_k, args.router, args.expert_act) == (8, 2, "sigmoid", "swiglu")
