@@ -30,7 +30,7 @@ def reference_moe(moe, x: torch.Tensor) -> torch.Tensor:
         tok, slot = (experts == e).nonzero(as_tuple=True)
         h = moe.act(x[tok].float() @ moe.w1[e].float().T)
         y.index_add_(0, tok, (h @ moe.w2[e].float().T) * gates[tok, slot, None])
-    return y
+    return y + moe.shared(x.float()) if moe.shared is not None else y
 
 
 def timed(fn, iters: int) -> float:
@@ -78,6 +78,13 @@ def time_gemms(T: int, d: int, E: int, k: int, hidden: int, iters: int):
         print(f"  {name}: {t * 1e3:.0f} us, {flop / t / 1e9:.0f} TFLOP/s")
 
 
+def parse_config(cfg: str) -> tuple[int, int, int]:
+    # EXPERTSxTOPK, or EXPERTSxTOPK+SHARED with shared experts
+    routed, _, shared = cfg.partition("+")
+    E, K = map(int, routed.split("x"))
+    return E, K, int(shared or 0)
+
+
 def make_step(layer, x, g):
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
 
@@ -94,7 +101,7 @@ def make_step(layer, x, g):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=49152)
-    ap.add_argument("--configs", default="8x2,32x4", help="comma-separated EXPERTSxTOPK")
+    ap.add_argument("--configs", default="8x2,32x4", help="comma-separated EXPERTSxTOPK[+SHARED], e.g. 8x2,8x1+1")
     ap.add_argument("--iters", type=int, default=30, help="timed iterations per round (the median is kept)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over all variants; each prints its ratios")
     ap.add_argument("--against", help="path of another train_gpt.py whose MoE layer is timed alongside")
@@ -104,8 +111,8 @@ def main():
     tg.pick_device(0)
     if opts.gemms:
         for cfg in opts.configs.split(","):
-            E, K = map(int, cfg.split("x"))
-            time_gemms(opts.tokens, 768, E, K, 3072 // K, opts.iters)
+            E, K, shared = parse_config(cfg)
+            time_gemms(opts.tokens, 768, E, K, 3072 // (K + shared), opts.iters)
         return
     torch.manual_seed(0)
     T, d = opts.tokens, 768
@@ -116,18 +123,22 @@ def main():
     steps = {"dense": make_step(dense, x, g)}
     trainers = {"this": tg} | ({"against": load_trainer(opts.against, "train_gpt_against")} if opts.against else {})
     for cfg in opts.configs.split(","):
-        E, K = map(int, cfg.split("x"))
+        E, K, shared = parse_config(cfg)
         for name, module in trainers.items():
-            args = module.Hyperparameters(num_experts=E, top_k=K, model_dim=d, mlp_hidden=3072)
+            args = module.Hyperparameters(num_experts=E, top_k=K, shared_experts=shared, model_dim=d, mlp_hidden=3072,
+                                          expert_hidden=3072 // (K + shared))
             torch.manual_seed(0)
             moe = module.MoE(args).cuda()
             torch.nn.init.normal_(moe.w2, std=0.02)
+            if moe.shared is not None:
+                torch.nn.init.normal_(moe.shared.c_proj.weight, std=0.02)
             with torch.no_grad():
                 ref = reference_moe(moe, x)
                 out = moe(x)[0].float()
             err = ((out - ref).norm() / ref.norm()).item()
-            print(f"{name}: E{E} top-{K} hidden {module.expert_hidden(args)}, rel err vs loop reference {err:.1e}")
-            steps[f"{name} E{E}K{K}"] = make_step(moe, x, g)
+            print(f"{name}: E{E} top-{K} +{shared} shared, hidden {module.expert_hidden(args)}, "
+                  f"rel err vs loop reference {err:.1e}")
+            steps[f"{name} {cfg}"] = make_step(moe, x, g)
     results = {key: [] for key in steps}
     for r in range(opts.rounds):
         times = {key: timed(step, opts.iters) for key, step in steps.items()}
@@ -141,7 +152,7 @@ def main():
                   f"(min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
     if opts.profile:
         for key, step in steps.items():
-            if key.startswith("this E"):
+            if key.startswith("this "):
                 step()
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):

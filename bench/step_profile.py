@@ -87,7 +87,7 @@ def main():
                 fwd_bwd()
                 opt_step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=opts.kernels, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=opts.kernels, max_name_column_width=90))
 
 
 if __name__ == "__main__":
