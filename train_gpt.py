@@ -487,10 +487,10 @@ class RouterLogits(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
         E = w.size(0)
-        # dx = g @ w in fp32 as a sum of E broadcast products rather than a product of inner size E, so that inductor
-        # can fuse it into the add with the dispatch's gradient of x instead of writing and re-reading a [T, d] tensor
-        dx = (grad.unsqueeze(-1) * w).sum(1).to(x.dtype)
         g_hi, g_lo = split_bf16(grad)
+        w_hi, w_lo = split_bf16(w)
+        # dx = g @ w to bf16 precision: hi*hi + lo*hi + hi*lo in one fp32-accumulated product
+        dx = torch.mm(torch.cat([g_hi, g_lo, g_hi], 1), torch.cat([w_hi, w_hi, w_lo]))
         dw = mm_fp32(torch.cat([g_hi, g_lo], 1).T, x).view(2, E, -1).sum(0)
         return dx, dw
 
