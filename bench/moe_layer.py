@@ -78,11 +78,13 @@ def time_gemms(T: int, d: int, E: int, k: int, hidden: int, iters: int):
         print(f"  {name}: {t * 1e3:.0f} us, {flop / t / 1e9:.0f} TFLOP/s")
 
 
-def parse_config(cfg: str) -> tuple[int, int, int]:
-    # EXPERTSxTOPK, or EXPERTSxTOPK+SHARED with shared experts
+def parse_config(cfg: str) -> tuple[int, int, int, int]:
+    # EXPERTSxTOPK, or EXPERTSxTOPK+SHARED with shared experts; the width is this trainer's iso-FLOP default,
+    # passed explicitly so that an --against version builds the same layer
     routed, _, shared = cfg.partition("+")
     E, K = map(int, routed.split("x"))
-    return E, K, int(shared or 0)
+    width = tg.expert_hidden(tg.Hyperparameters(num_experts=E, top_k=K, shared_experts=int(shared or 0)))
+    return E, K, int(shared or 0), width
 
 
 def make_step(layer, x, g):
@@ -111,8 +113,8 @@ def main():
     tg.pick_device(0)
     if opts.gemms:
         for cfg in opts.configs.split(","):
-            E, K, shared = parse_config(cfg)
-            time_gemms(opts.tokens, 768, E, K, 3072 // (K + shared), opts.iters)
+            E, K, _, width = parse_config(cfg)
+            time_gemms(opts.tokens, 768, E, K, width, opts.iters)
         return
     torch.manual_seed(0)
     T, d = opts.tokens, 768
@@ -123,10 +125,10 @@ def main():
     steps = {"dense": make_step(dense, x, g)}
     trainers = {"this": tg} | ({"against": load_trainer(opts.against, "train_gpt_against")} if opts.against else {})
     for cfg in opts.configs.split(","):
-        E, K, shared = parse_config(cfg)
+        E, K, shared, width = parse_config(cfg)
         for name, module in trainers.items():
             args = module.Hyperparameters(num_experts=E, top_k=K, shared_experts=shared, model_dim=d, mlp_hidden=3072,
-                                          expert_hidden=3072 // (K + shared))
+                                          expert_hidden=width)
             torch.manual_seed(0)
             moe = module.MoE(args).cuda()
             torch.nn.init.normal_(moe.w2, std=0.02)
