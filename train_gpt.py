@@ -858,6 +858,21 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
+def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module):
+    # a checkpoint resumes only into the architecture it was trained with: compare the settings, then the shapes
+    # (which also catch a width that a default resolved differently when the checkpoint was written)
+    arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
+            "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
+    changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
+    if changed:
+        raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
+                          f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
+    own = model.state_dict()
+    for name, saved in ckpt["model"].items():
+        if name in own and saved.shape != own[name].shape:
+            raise ConfigError(f"RESUME={args.resume} holds {name} of shape {tuple(saved.shape)} but this model's is "
+                              f"{tuple(own[name].shape)}; set the width it was trained with (EXPERT_HIDDEN, MLP_HIDDEN)")
+
 def main(env: dict | None = None):
     args = load_config(dict(os.environ) if env is None else env)
     distributed = "RANK" in os.environ
@@ -931,12 +946,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     start_step = 0
     if args.resume:
         ckpt = torch.load(args.resume, map_location=device, weights_only=False)
-        arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
-                "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
-        changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
-        if changed:
-            raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
-                              f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
+        check_checkpoint(ckpt, args, model)
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)

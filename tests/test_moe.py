@@ -358,6 +358,19 @@ def tiny_gpt_args() -> tg.Hyperparameters:
                               num_value_embeds=1, train_seq_len=256, val_seq_len=256, window_max=256)
 
 
+def test_resume_refuses_a_checkpoint_of_another_architecture():
+    args = dataclasses.replace(tiny_gpt_args(), shared_experts=1, expert_hidden=0, resume="old.pt")
+    model = tg.GPT(args)
+    tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=model.state_dict()), args, model)  # its own: fine
+    # the same settings, but experts twice as wide (what EXPERT_HIDDEN=0 gave with shared experts before d5f494c)
+    wider = tg.GPT(dataclasses.replace(args, expert_hidden=2 * tg.expert_hidden(args)))
+    with pytest.raises(tg.ConfigError, match=r"RESUME=old.pt holds blocks\.\d+\.mlp\.w1 of shape \(4, 256, 128\)"):
+        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=wider.state_dict()), args, model)
+    with pytest.raises(tg.ConfigError, match="RESUME=old.pt was trained with a different TOP_K=1"):
+        tg.check_checkpoint(dict(args=dataclasses.asdict(dataclasses.replace(args, top_k=1)), model=model.state_dict()),
+                            args, model)
+
+
 @pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
 def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_optimizer):
     args = dataclasses.replace(tiny_gpt_args(), router="noisy", shared_experts=1, router_lr=0.0007,
