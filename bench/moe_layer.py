@@ -154,7 +154,7 @@ def main():
                   f"(min {min(ratios):.3f}x, max {max(ratios):.3f}x)")
     if opts.profile:
         for key, step in steps.items():
-            if key.startswith("this "):
+            if key == "dense" or key.startswith("this "):
                 step()
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):
