@@ -81,10 +81,10 @@ def time_gemms(T: int, d: int, E: int, k: int, hidden: int, iters: int):
 def parse_config(cfg: str) -> tuple[int, int, int, int]:
     # EXPERTSxTOPK, or EXPERTSxTOPK+SHARED with shared experts; the width is this trainer's iso-FLOP default,
     # passed explicitly so that an --against version builds the same layer
-    routed, _, shared = cfg.partition("+")
+    routed, _, shared_text = cfg.partition("+")
     E, K = map(int, routed.split("x"))
-    width = tg.expert_hidden(tg.Hyperparameters(num_experts=E, top_k=K, shared_experts=int(shared or 0)))
-    return E, K, int(shared or 0), width
+    shared = int(shared_text or 0)
+    return E, K, shared, tg.expert_hidden(tg.Hyperparameters(num_experts=E, top_k=K, shared_experts=shared))
 
 
 def make_step(layer, x, g):
