@@ -20,6 +20,11 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: MoE layers take the PyTorch path
+    triton = None
 
 REPO = Path(__file__).resolve().parent
 CODE = Path(__file__).read_text()
@@ -77,6 +82,7 @@ class Hyperparameters:
     z_loss_coef: float = 0.0  # router z-loss mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: bias step per optimizer step (0 = off)
     capacity_factor: float = 0.0  # 0 = dropless; else tokens past ceil(cf * T * k / E) per expert are dropped
+    moe_kernel: str = "torch"  # torch (permuted copies + torch._grouped_mm) | triton (gather/scatter grouped GEMMs)
     # run
     seed: int = 0
     compile: bool = True  # torch.compile the model on GPU (the CPU always runs eager)
@@ -177,6 +183,7 @@ def validate(args: Hyperparameters, world_size: int = 1):
         need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
              f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
         need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
+        need(args.moe_kernel in ("triton", "torch"), f"MOE_KERNEL={args.moe_kernel!r}: use triton or torch")
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
         need(args.router != "soft" or args.top_k == args.num_experts,
@@ -519,7 +526,8 @@ class MoE(nn.Module):
         self.capacity_factor = args.capacity_factor
         self.aux_coef, self.z_coef = args.aux_loss_coef, args.z_loss_coef
         hidden = expert_hidden(args)
-        self.act = ACTIVATIONS[args.expert_act]
+        self.act_name, self.act = args.expert_act, ACTIVATIONS[args.expert_act]
+        self.kernel = args.moe_kernel
         self.router = nn.Parameter(init_matrix(E, dim))
         self.router_noise = nn.Parameter(torch.zeros(E, dim)) if args.router == "noisy" else None
         self.w1 = nn.Parameter(init_matrix(E, hidden * (2 if args.expert_act == "swiglu" else 1), dim))
@@ -567,11 +575,16 @@ class MoE(nn.Module):
             keep = (queue_pos < capacity)[inverse].view(T, k)
             gates = gates * keep
             dropped = 1 - keep.float().mean()
-        # the gate scales the hidden rows before the second matmul (linear in them): it fuses into the activation,
-        # and the combine is a gather and a sum over the k copies, with no [T, k, d] product to store for backward
-        gate_rows = permute_rows(gates.reshape(-1, 1), order, inverse)
-        h = self.act(grouped_mm(permute_rows(x, order, inverse, k), self.w1, offsets)) * gate_rows
-        y = permute_rows(grouped_mm(h.type_as(x), self.w2, offsets), inverse, order).view(T, k, -1).sum(1)
+        if self.uses_triton(x):
+            y = torch.ops.moe_speedrun.expert_mlp(x, self.w1.type_as(x), self.w2.type_as(x), gates.reshape(-1), order,
+                                                  offsets, k, self.act_name)[0]
+        else:
+            # the gate scales the hidden rows before the second matmul (linear in them): it fuses into the
+            # activation, and the combine is a gather and a sum over the k copies, with no [T, k, d] product to
+            # store for backward
+            gate_rows = permute_rows(gates.reshape(-1, 1), order, inverse)
+            h = self.act(grouped_mm(permute_rows(x, order, inverse, k), self.w1, offsets)) * gate_rows
+            y = permute_rows(grouped_mm(h.type_as(x), self.w2, offsets), inverse, order).view(T, k, -1).sum(1)
         if self.shared is not None:
             y = y + self.shared(x)
         aux = torch.zeros((), device=x.device)
@@ -590,6 +603,10 @@ class MoE(nn.Module):
                 self.stats.add_(torch.stack([torch.ones_like(z), entropy, switch, z, dropped, gate_min]))
         return y.view(shape), aux
 
+    def uses_triton(self, x: Tensor) -> bool:
+        # Triton runs on the GPU, and on the CPU only under its interpreter (the tests)
+        return self.kernel == "triton" and triton is not None and (x.is_cuda or TRITON_INTERPRET)
+
     def reset_stats(self):
         self.load.zero_()
         self.stats.zero_()
@@ -603,6 +620,319 @@ def update_router_bias(moes: list[MoE], rate: float, world_size: int):
     for m, load in zip(moes, loads):
         m.bias.add_(torch.sign(load.mean() - load), alpha=rate)
         m.load.zero_()
+
+# -----------------------------------------------------------------------------
+# MoE kernels (Triton): grouped GEMMs that gather token rows in their loads and scatter results in their stores
+#
+# The idea is ScatterMoE's scatter2scatter (Tan et al. 2024) and OpenAI's matmul_ogs: the assignments stay in
+# token order in memory and only an index, `order`, is sorted by expert, so the [T*k, d] permuted copy of x (and of
+# its gradient) never exists. Notation: T tokens, k experts each, N = T*k assignments, a = t*k + j the assignment
+# of token t's j-th expert, p a position in expert order with a = order[p]; offsets[e] = end of expert e's rows.
+#   forward:  pre[p] = x[a//k] @ w1[e]^T                               gather_rows_kernel (up-projection)
+#             out[a] = gate[a] * act(pre[p]) @ w2[e]^T; y = sum_j out  scatter_rows_kernel (down-projection)
+#   backward: dh[p] = dy[a//k] @ w2[e]                                 gather_rows_kernel, backward epilogue:
+#               dpre[p] = act'(pre[p]) * gate[a] * dh[p], dgate[a] = act(pre[p]) . dh[p], hg[p] = gate[a] act(pre[p])
+#             dw2[e] = sum_p dy[a//k]^T hg[p]                          weight_grad_kernel
+#             dw1[e] = sum_p dpre[p]^T x[a//k]                         weight_grad_kernel
+#             dx_a = dpre[p] @ w1[e]; dx = sum_j dx_a                  scatter_rows_kernel
+# Only pre ([N, hidden], or [N, 2 hidden] for SwiGLU) is kept from the forward: the down-projection recomputes the
+# activation in its loads (two flops an element) instead of storing a second [N, hidden] tensor; the backward
+# writes hg once in the epilogue that computes it anyway, so the w2 gradient's loop reads plain rows. Deterministic:
+# every output element is written by one program, and the k contributions of a token are summed by a plain
+# reduction over a [T, k, d] buffer (one [N, d] round trip), never by atomics.
+
+ACT_CODES = {"relu2": 1, "swiglu": 2}
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+if triton is not None:
+    def tile_configs(pairs) -> list:
+        # a short autotune list of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), chosen once per shape and cached on
+        # disk (Triton's cache_results), so a later run does not tune again; the interpreter
+        # (CPU tests) gets one small tile so partial tiles and several experts per launch are exercised
+        if TRITON_INTERPRET:
+            return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk), num_warps=w, num_stages=s)
+                for m, n, kk, w, s in pairs]
+
+    ROW_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                   (128, 256, 64, 8, 3), (64, 64, 64, 4, 3)]
+    GRAD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                    (64, 128, 128, 4, 3), (128, 64, 64, 4, 4)]
+
+    @triton.jit
+    def expert_tile(offsets_ptr, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        # tile pid_m of the expert-sorted rows: (expert, first row, end of the expert's rows); expert = E past the
+        # last tile. Each expert's rows start a new tile, so a grid of cdiv(N, BLOCK_M) + E tiles covers any split.
+        idx = tl.arange(0, E_POW2)
+        ends = tl.load(offsets_ptr + idx, mask=idx < E, other=0)
+        starts = tl.load(offsets_ptr + idx - 1, mask=(idx >= 1) & (idx < E), other=0)
+        tiles = tl.where(idx < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+        done = tl.cumsum(tiles, 0)
+        e = tl.sum((done <= pid_m).to(tl.int32), 0)
+        first = tl.sum(tl.where(idx == e, done - tiles, 0), 0)
+        start = tl.sum(tl.where(idx == e, starts, 0), 0)
+        end = tl.sum(tl.where(idx == e, ends, 0), 0)
+        return e, start + (pid_m - first) * BLOCK_M, end
+
+    @triton.jit
+    def activation(ptrs, mask, H, ACT: tl.constexpr):
+        # act(pre) in fp32 for a tile of pointers into pre: relu(pre)^2, or silu(pre[:, c]) * pre[:, H + c] (SwiGLU)
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            r = tl.maximum(g, 0.0)
+            return r * r
+        else:
+            u = tl.load(ptrs + H, mask=mask, other=0.0).to(tl.float32)
+            return g * tl.sigmoid(g) * u
+
+    @triton.autotune(configs=tile_configs(ROW_CONFIGS), key=["N", "N_OUT", "K", "E", "ACT", "BACKWARD"],
+                     cache_results=True)
+    @triton.jit
+    def gather_rows_kernel(a_ptr, w_ptr, out_ptr, order_ptr, offsets_ptr, gate_ptr, pre_ptr, dgate_ptr, hg_ptr,
+                           N, N_OUT, K, H, TOP_K, stride_a, stride_we, stride_wk, stride_wn, stride_o,
+                           E: tl.constexpr, E_POW2: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
+                           PART: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[p, n] = sum_c a[order[p] // TOP_K, c] * w[e(p), c, n] (w addressed by strides: w1^T or w2).
+        # Forward (up-projection): out = pre. BACKWARD: a = dy, w = w2, and the epilogue turns dh into dpre =
+        # act'(pre) * gate * dh, written at columns n (and H + n for SwiGLU's up half), stores this column
+        # block's share of dgate = act(pre) . dh, one partial per PART columns in dgate[column // PART, p] (so
+        # every config of the autotune list writes every partial), and hg = gate * act(pre) [N, H] for the w2
+        # gradient (each element is computed here once anyway). a, w, out: bf16 (fp32 in CPU tests).
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+        pid_m, pid_n = pid // n_tiles, pid % n_tiles
+        e, row0, end = expert_tile(offsets_ptr, pid_m, E, E_POW2, BLOCK_M)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        token = (assignment // TOP_K).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N_OUT
+        red = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + token[:, None] * stride_a + red[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(0, K, BLOCK_K):
+            c_ok = red + c < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        mask = row_ok[:, None] & col_ok[None, :]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
+        if BACKWARD:
+            gate = tl.load(gate_ptr + assignment, mask=row_ok, other=0.0)
+            pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
+            g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+            if ACT == 1:
+                r = tl.maximum(g, 0.0)
+                h = r * r
+                tl.store(out_ptrs, (acc * gate[:, None] * 2 * r).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                u = tl.load(pre_ptrs + H, mask=mask, other=0.0).to(tl.float32)
+                s = tl.sigmoid(g)
+                h = g * s * u
+                dh = acc * gate[:, None]
+                tl.store(out_ptrs, (dh * u * s * (1 + g * (1 - s))).to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_ptrs + H, (dh * g * s).to(out_ptr.dtype.element_ty), mask=mask)
+            part = tl.sum(tl.reshape(h * acc, (BLOCK_M, BLOCK_N // PART, PART)), 2)
+            blocks = pid_n * (BLOCK_N // PART) + tl.arange(0, BLOCK_N // PART)
+            tl.store(dgate_ptr + blocks[None, :] * N + rows[:, None], part,
+                     mask=row_ok[:, None] & (blocks < tl.cdiv(N_OUT, PART))[None, :])
+            hg_ptrs = hg_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :]
+            tl.store(hg_ptrs, (h * gate[:, None]).to(hg_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.autotune(configs=tile_configs(ROW_CONFIGS), key=["N", "N_OUT", "K", "E", "ACT", "HAS_GATE"],
+                     cache_results=True)
+    @triton.jit
+    def scatter_rows_kernel(a_ptr, w_ptr, out_ptr, order_ptr, offsets_ptr, gate_ptr, N, N_OUT, K, H,
+                            stride_a, stride_we, stride_wk, stride_wn, stride_o,
+                            E: tl.constexpr, E_POW2: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[order[p], n] = gate[order[p]] * sum_c act(a)[p, c] * w[e(p), c, n]: a in expert order, out in
+        # assignment order. Down-projection: a = pre, ACT > 0, HAS_GATE. dx: a = dpre, w = w1, ACT = 0.
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+        pid_m, pid_n = pid // n_tiles, pid % n_tiles
+        e, row0, end = expert_tile(offsets_ptr, pid_m, E, E_POW2, BLOCK_M)
+        if e >= E:
+            return
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N_OUT
+        red = tl.arange(0, BLOCK_K)
+        a_rows = a_ptr + rows.to(tl.int64) * stride_a
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(0, K, BLOCK_K):
+            c_ok = red + c < K
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            if ACT == 0:
+                a = tl.load(a_rows[:, None] + (red + c)[None, :], mask=a_mask, other=0.0)
+            else:
+                a = activation(a_rows[:, None] + (red + c)[None, :], a_mask, H, ACT).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptrs, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            w_ptrs += BLOCK_K * stride_wk
+        assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        if HAS_GATE:
+            acc = acc * tl.load(gate_ptr + assignment, mask=row_ok, other=0.0)[:, None]
+        out_ptrs = out_ptr + assignment.to(tl.int64)[:, None] * stride_o + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.autotune(configs=tile_configs(GRAD_CONFIGS), key=["N", "I", "J", "E", "GATHER_L", "GATHER_R"],
+                     cache_results=True)
+    @triton.jit
+    def weight_grad_kernel(l_ptr, r_ptr, out_ptr, order_ptr, offsets_ptr, N, I, J, TOP_K, stride_l, stride_r,
+                           stride_oe, stride_oi, E: tl.constexpr, GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[e, i, j] = sum over expert e's rows p of L[p, i] * R[p, j], a grouped GEMM over the reduction
+        # dimension. GATHER_*: that operand's row p is row order[p] // TOP_K of a token-order tensor. Tiles:
+        # BLOCK_M of i, BLOCK_N of j, BLOCK_K rows p a step. The expert is grid axis 1, so the tiles of one expert
+        # run side by side and read its rows from L2 rather than each from memory.
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        j_tiles = tl.cdiv(J, BLOCK_N)
+        i = (pid // j_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        j = (pid % j_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        i_ok, j_ok = i < I, j < J
+        start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offsets_ptr + e)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_K):
+            p = p0 + tl.arange(0, BLOCK_K)
+            p_ok = p < end
+            assignment = tl.load(order_ptr + p, mask=p_ok, other=0)
+            l_rows = (assignment // TOP_K if GATHER_L else p).to(tl.int64)
+            r_rows = (assignment // TOP_K if GATHER_R else p).to(tl.int64)
+            l = tl.load(l_ptr + l_rows[:, None] * stride_l + i[None, :], mask=p_ok[:, None] & i_ok[None, :], other=0.0)
+            r = tl.load(r_ptr + r_rows[:, None] * stride_r + j[None, :], mask=p_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(l), r, acc)
+        out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + i.to(tl.int64)[:, None] * stride_oi + j[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+    def row_grid(N: int, n_out: int, E: int):
+        return lambda meta: ((triton.cdiv(N, meta["BLOCK_M"]) + E) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    def grad_grid(I: int, J: int, E: int):
+        return lambda meta: (triton.cdiv(I, meta["BLOCK_M"]) * triton.cdiv(J, meta["BLOCK_N"]), E)
+
+# One function per kernel launch (bench/moe_layer.py times each). Shapes: x, dy [T, d]; w1 [E, h1, d] with h1 = h, or
+# 2h for SwiGLU's [gate; up]; w2 [E, d, h]; pre, dpre [N, h1] in expert order; gates [N] fp32 in assignment order;
+# order [N] int (assignments sorted by expert, stable); offsets [E] int32 (cumulative counts). Float tensors share
+# x's dtype (bf16 on GPU); k is the top-k.
+
+DGATE_COLS = 32  # dgate partials: one per 32 columns of the hidden layer (every config has BLOCK_N >= 32)
+
+def e_pow2(E: int) -> int:
+    return max(2, triton.next_power_of_2(E))
+
+def up_projection(x: Tensor, w1: Tensor, order: Tensor, offsets: Tensor, k: int) -> Tensor:
+    # pre[p] = x[order[p] // k] @ w1[e]^T
+    E, H1, d = w1.shape
+    N = order.numel()
+    pre = x.new_empty(N, H1)
+    gather_rows_kernel[row_grid(N, H1, E)](x, w1, pre, order, offsets, x, x, x, x, N, H1, d, 0, k, x.stride(0),
+                                           w1.stride(0), 1, d, H1, E=E, E_POW2=e_pow2(E), ACT=0, BACKWARD=False,
+                                           PART=DGATE_COLS)
+    return pre
+
+def down_projection(pre: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor, act: str) -> Tensor:
+    # out[order[p]] = gates[order[p]] * act(pre[p]) @ w2[e]^T, [N, d] in assignment order
+    E, d, H = w2.shape
+    N = order.numel()
+    out = pre.new_empty(N, d)
+    scatter_rows_kernel[row_grid(N, d, E)](pre, w2, out, order, offsets, gates, N, d, H, H, pre.stride(0),
+                                           w2.stride(0), 1, H, d, E=E, E_POW2=e_pow2(E), ACT=ACT_CODES[act],
+                                           HAS_GATE=True)
+    return out
+
+
+def down_projection_backward(dy: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor, pre: Tensor,
+                             k: int, act: str) -> tuple[Tensor, Tensor, Tensor]:
+    # dh = dy[order[p] // k] @ w2[e]; returns dpre = act'(pre) * gate * dh (like pre), dgates [N] fp32 and
+    # hg = gate * act(pre) [N, h] in expert order
+    E, d, H = w2.shape
+    N = order.numel()
+    dpre, hg = torch.empty_like(pre), pre.new_empty(N, H)
+    parts = torch.empty(triton.cdiv(H, DGATE_COLS), N, device=pre.device, dtype=torch.float32)
+    gather_rows_kernel[row_grid(N, H, E)](dy, w2, dpre, order, offsets, gates, pre, parts, hg, N, H, d, H, k,
+                                          dy.stride(0), w2.stride(0), H, 1, pre.stride(0), E=E, E_POW2=e_pow2(E),
+                                          ACT=ACT_CODES[act], BACKWARD=True, PART=DGATE_COLS)
+    return dpre, torch.empty_like(gates).index_copy_(0, order, parts.sum(0)), hg
+
+def weight_grad(l: Tensor, r: Tensor, order: Tensor, offsets: Tensor, k: int, gather_l: bool, like: Tensor) -> Tensor:
+    # out[e] = sum over expert e's rows p of l[p]^T r[p], shaped and typed like `like` [E, l columns, r columns];
+    # the gathered operand is in token order (row order[p] // k), the other in expert order
+    E, I, J = like.shape
+    out = torch.empty_like(like)
+    weight_grad_kernel[grad_grid(I, J, E)](l, r, out, order, offsets, order.numel(), I, J, k, l.stride(0),
+                                           r.stride(0), out.stride(0), J, E=E, GATHER_L=gather_l,
+                                           GATHER_R=not gather_l)
+    return out
+
+def up_projection_backward(dpre: Tensor, w1: Tensor, order: Tensor, offsets: Tensor) -> Tensor:
+    # dx rows: out[order[p]] = dpre[p] @ w1[e], [N, d] in assignment order
+    E, H1, d = w1.shape
+    N = order.numel()
+    out = dpre.new_empty(N, d)
+    scatter_rows_kernel[row_grid(N, d, E)](dpre, w1, out, order, offsets, dpre, N, d, H1, 0, dpre.stride(0),
+                                           w1.stride(0), d, 1, d, E=E, E_POW2=e_pow2(E), ACT=0, HAS_GATE=False)
+    return out
+
+def sum_over_k(rows: Tensor, k: int) -> Tensor:
+    # [T*k, d] in assignment order -> [T, d]: the k contributions of each token, added in a fixed order
+    return rows.view(-1, k, rows.size(-1)).sum(1) if k > 1 else rows
+
+def expert_mlp_forward(x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor,
+                       k: int, act: str) -> tuple[Tensor, Tensor]:
+    # y [T, d] = sum over each token's k experts of gate * w2[e] act(w1[e] x), and pre for the backward
+    pre = up_projection(x, w1, order, offsets, k)
+    return sum_over_k(down_projection(pre, w2, gates, order, offsets, act), k), pre
+
+def expert_mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor,
+                        offsets: Tensor, pre: Tensor, k: int, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # gradients of expert_mlp_forward's y with respect to x, w1, w2 and gates
+    dy = dy.contiguous()
+    dpre, dgates, hg = down_projection_backward(dy, w2, gates, order, offsets, pre, k, act)
+    dw2 = weight_grad(dy, hg, order, offsets, k, gather_l=True, like=w2)
+    dw1 = weight_grad(dpre, x, order, offsets, k, gather_l=False, like=w1)
+    return sum_over_k(up_projection_backward(dpre, w1, order, offsets), k), dw1, dw2, dgates
+
+@torch.library.custom_op("moe_speedrun::expert_mlp", mutates_args=())
+def expert_mlp(x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor, k: int,
+               act: str) -> tuple[Tensor, Tensor]:
+    return expert_mlp_forward(x, w1, w2, gates, order, offsets, k, act)
+
+@expert_mlp.register_fake
+def _(x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor, k: int, act: str):
+    return torch.empty_like(x), x.new_empty(order.numel(), w1.size(1))
+
+@torch.library.custom_op("moe_speedrun::expert_mlp_backward", mutates_args=())
+def expert_mlp_backward_op(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor,
+                           offsets: Tensor, pre: Tensor, k: int, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return expert_mlp_backward(dy, x, w1, w2, gates, order, offsets, pre, k, act)
+
+@expert_mlp_backward_op.register_fake
+def _(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor, pre: Tensor,
+      k: int, act: str):
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(gates)
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, w1, w2, gates, order, offsets, k, act = inputs
+    ctx.save_for_backward(x, w1, w2, gates, order, offsets, output[1])
+    ctx.k, ctx.act = k, act
+
+def _expert_mlp_grad(ctx, dy, _):
+    dx, dw1, dw2, dgates = torch.ops.moe_speedrun.expert_mlp_backward(dy, *ctx.saved_tensors, ctx.k, ctx.act)
+    return dx, dw1, dw2, dgates, None, None, None, None
+
+expert_mlp.register_autograd(_expert_mlp_grad, setup_context=_expert_mlp_setup)
 
 # -----------------------------------------------------------------------------
 # The GPT
@@ -934,7 +1264,8 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     log(f"params: {json.dumps(count_params(model))}")
     if moes:
         log(f"moe: layers {[i for i, _ in moes]}, {args.num_experts} experts of hidden {expert_hidden(args)}, "
-            f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared")
+            f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared, "
+            f"{'triton' if moes[0][1].uses_triton(torch.empty(0, device=device)) else 'torch'} kernels")
     optimizers = build_optimizers(model, args, rank, world_size, device)
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+# Triton's interpreter runs the MoE kernels on the CPU (tests/test_kernels.py); it is chosen when Triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -26,8 +26,8 @@ def make_moe(E: int, K: int, router: str = "softmax", act: str = "relu2", shared
              hidden: int = 16, seed: int = 0, **extra) -> tg.MoE:
     torch.manual_seed(seed)
     args = tg.Hyperparameters(model_dim=dim, expert_hidden=hidden, num_experts=E, top_k=K, router=router,
-                              expert_act=act, shared_experts=shared, **extra)
-    moe = tg.MoE(args)
+                              expert_act=act, shared_experts=shared, moe_kernel="torch", **extra)
+    moe = tg.MoE(args)  # the PyTorch path; tests/test_kernels.py holds the Triton one to it
     with torch.no_grad():
         # zero-initialized output projections would make every expert (and the router's gradient) vanish
         moe.w2.normal_(0, hidden ** -0.5)

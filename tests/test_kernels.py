@@ -1,0 +1,204 @@
+# The Triton MoE kernels (train_gpt.py, "MoE kernels"), run on the CPU by Triton's interpreter (conftest sets
+# TRITON_INTERPRET=1 before train_gpt imports Triton): the expert op against a float64 loop written here, then the
+# whole layer against the PyTorch path with the same weights, forward and every gradient.
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err, tiny_env
+import train_gpt as tg
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(tg.triton is None or not tg.TRITON_INTERPRET,
+                                reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def loop_reference(x, w1, w2, gates, experts, act):
+    # y[t] = sum_j gates[t, j] * w2[e] act(w1[e] x[t]) with e = experts[t, j], one assignment at a time, float64
+    T, k = experts.shape
+    x, w1, w2, gates = x.double(), w1.double(), w2.double(), gates.double()
+    rows = []
+    for t in range(T):
+        y = torch.zeros(x.size(1), dtype=torch.float64)
+        for j in range(k):
+            e = experts[t, j]
+            pre = w1[e] @ x[t]
+            if act == "relu2":
+                h = torch.clamp(pre, min=0) ** 2
+            else:
+                gate, up = pre[:pre.numel() // 2], pre[pre.numel() // 2:]
+                h = gate / (1 + torch.exp(-gate)) * up
+            y = y + gates[t, j] * (w2[e] @ h)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def routing(T: int, E: int, k: int, idle: tuple[int, ...], seed: int):
+    # random top-k choices with the experts in `idle` never chosen, sorted the way MoE.forward sorts them
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(T, E, generator=g)
+    scores[:, list(idle)] = -math.inf
+    experts = scores.topk(k, dim=-1).indices
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    return experts, order, offsets
+
+
+CASES = [  # T, d, E, k, hidden, act, idle experts: tile-crossing groups, k = E, empty experts first/middle/last
+    (37, 32, 4, 2, 48, "relu2", (1,)),
+    (29, 48, 3, 3, 32, "swiglu", ()),
+    (50, 32, 5, 1, 40, "relu2", (0, 4)),
+    (21, 32, 8, 2, 16, "swiglu", (2, 3, 7)),
+    (17, 32, 4, 4, 32, "relu2", ()),
+    (70, 16, 2, 1, 16, "swiglu", (0,)),
+]
+
+
+@pytest.mark.parametrize("T,d,E,k,hidden,act,idle", CASES)
+def test_expert_op_matches_loop(T, d, E, k, hidden, act, idle):
+    torch.manual_seed(T)
+    h1 = 2 * hidden if act == "swiglu" else hidden
+    x = torch.randn(T, d, requires_grad=True)
+    w1 = (torch.randn(E, h1, d) / d ** 0.5).requires_grad_()
+    w2 = (torch.randn(E, d, hidden) / hidden ** 0.5).requires_grad_()
+    gates = torch.rand(T, k, requires_grad=True)
+    experts, order, offsets = routing(T, E, k, idle, seed=T)
+    y, pre = torch.ops.moe_speedrun.expert_mlp(x, w1, w2, gates.flatten(), order, offsets, k, act)
+    want = loop_reference(x, w1, w2, gates, experts, act)
+    assert rel_err(y, want) < 1e-6
+    dy = torch.randn(T, d)
+    got = torch.autograd.grad(y, [x, w1, w2, gates], dy)
+    ref = torch.autograd.grad(want, [x, w1, w2, gates], dy.double())
+    for name, a, b in zip(["x", "w1", "w2", "gates"], got, ref):
+        assert rel_err(a, b) < 1e-6, name
+    for e in idle:  # written as exact zeros, not left as whatever the memory held
+        assert torch.equal(got[1][e], torch.zeros_like(got[1][e])) and torch.equal(got[2][e], torch.zeros_like(got[2][e]))
+
+
+def test_expert_op_is_deterministic():
+    T, d, E, k, hidden = 45, 32, 4, 3, 32
+    x, w1, w2 = torch.randn(T, d), torch.randn(E, hidden, d), torch.randn(E, d, hidden)
+    gates = torch.rand(T * k)
+    _, order, offsets = routing(T, E, k, (), seed=0)
+    runs = []
+    for _ in range(2):
+        args = [t.clone().requires_grad_() for t in (x, w1, w2, gates)]
+        y, _ = torch.ops.moe_speedrun.expert_mlp(*args[:3], args[3], order, offsets, k, "relu2")
+        runs.append([y, *torch.autograd.grad(y, args, torch.ones_like(y))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_expert_op_registration():
+    # schema, fake kernel (what torch.compile traces) and autograd registration, checked by PyTorch itself
+    T, d, E, k, hidden = 19, 16, 4, 2, 16
+    _, order, offsets = routing(T, E, k, (2,), seed=1)
+    args = (torch.randn(T, d, requires_grad=True), torch.randn(E, hidden, d, requires_grad=True),
+            torch.randn(E, d, hidden, requires_grad=True), torch.rand(T * k, requires_grad=True), order, offsets, k,
+            "relu2")
+    torch.library.opcheck(torch.ops.moe_speedrun.expert_mlp.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def make_pair(E: int, K: int, router: str = "softmax", act: str = "relu2", shared: int = 0, **extra):
+    # the same layer twice, once on each kernel
+    layers = []
+    for kernel in ("triton", "torch"):
+        torch.manual_seed(0)
+        args = tg.Hyperparameters(model_dim=32, expert_hidden=16, num_experts=E, top_k=K, router=router,
+                                  expert_act=act, shared_experts=shared, moe_kernel=kernel, **extra)
+        layer = tg.MoE(args)
+        with torch.no_grad():
+            layer.w2.normal_(0, 0.25)  # zero-initialized output projections would hide the experts' gradients
+            if layer.shared is not None:
+                layer.shared.c_proj.weight.normal_(0, 0.25)
+        layers.append(layer)
+    assert layers[0].uses_triton(torch.empty(0)) and not layers[1].uses_triton(torch.empty(0))
+    return layers
+
+
+@pytest.mark.parametrize("E,K,router,act,shared,extra", [
+    (4, 2, "softmax", "relu2", 0, {}),
+    (4, 1, "sigmoid", "swiglu", 1, {}),
+    (8, 2, "softmax", "swiglu", 1, {}),
+    (4, 4, "soft", "relu2", 0, {}),
+    (4, 2, "softmax", "relu2", 1, dict(capacity_factor=0.6)),
+    (6, 3, "noisy", "relu2", 0, {}),
+])
+def test_layer_matches_torch_path(E, K, router, act, shared, extra):
+    fast, plain = make_pair(E, K, router, act, shared, **extra)
+    x = torch.randn(1, 43, 32)
+    outs, grads = [], []
+    for layer in (fast, plain):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)  # the noisy router's draw
+        y, aux = layer(xi)
+        g = torch.randn_like(y, generator=torch.Generator().manual_seed(6))
+        grads.append(torch.autograd.grad((y * g).sum() + aux, [xi, *layer.parameters()], allow_unused=True))
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    names = ["x"] + [n for n, _ in fast.named_parameters()]
+    for name, a, b in zip(names, *grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_layer_compiles_in_one_graph():
+    # torch.compile(fullgraph=True) traces the layer through the op's fake kernel and autograd registration
+    fast, _ = make_pair(4, 2, act="swiglu", shared=1)
+    x = torch.randn(1, 24, 32, requires_grad=True)
+    eager = fast(x)[0]
+    compiled = torch.compile(fast, fullgraph=True, dynamic=False, backend="aot_eager")(x)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, x, g)[0], torch.autograd.grad(eager, x, g)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_dgate_partials_cover_every_column_block(block_n):
+    # the autotuner runs every config on the same buffers: whatever BLOCK_N runs last, each 32-column partial of
+    # dgate must be written (here over a NaN-poisoned buffer) and equal the plain sum over its columns
+    T, d, E, k, hidden = 33, 32, 3, 2, 96
+    torch.manual_seed(3)
+    dy, w2, pre = torch.randn(T, d), torch.randn(E, d, hidden), torch.randn(T * k, hidden)
+    gates = torch.rand(T * k)
+    _, order, offsets = routing(T, E, k, (), seed=3)
+    N = T * k
+    parts = torch.full((hidden // tg.DGATE_COLS, N), math.nan)
+    dpre, hg = torch.empty_like(pre), torch.empty_like(pre)
+    grid = ((triton.cdiv(N, 16) + E) * triton.cdiv(hidden, block_n),)
+    tg.gather_rows_kernel.fn[grid](dy, w2, dpre, order, offsets, gates, pre, parts, hg, N, hidden, d, hidden, k,
+                                   d, d * hidden, hidden, 1, hidden, E=E, E_POW2=4, ACT=1, BACKWARD=True,
+                                   PART=tg.DGATE_COLS, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=16)
+    expert = torch.searchsorted(offsets, torch.arange(N), right=True)
+    dh = torch.einsum("pc,pch->ph", dy[order // k], w2[expert])  # row p of dy @ w2[e]
+    want = (torch.relu(pre) ** 2 * dh).view(N, -1, tg.DGATE_COLS).sum(-1).T
+    torch.testing.assert_close(parts, want, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_runs_the_triton_path(shared_shards, tmp_path):
+    # two steps of the tiny CPU run with one MoE layer on each path: the same losses, to fp32 rounding
+    losses = {}
+    for kernel in ("triton", "torch"):
+        env = tiny_env(shared_shards, tmp_path / kernel, NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, MOE_LAYERS="1",
+                       NUM_ITERATIONS=2, VAL_LOSS_EVERY=0, TRAIN_BATCH_TOKENS=256, VAL_SEQ_LEN=256, VAL_TOKENS=512,
+                       MOE_KERNEL=kernel)
+        result = tg.main(env)
+        assert f"{kernel} kernels" in Path(result["log"]).read_text()
+        losses[kernel] = result["val_loss"]
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
