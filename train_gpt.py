@@ -659,9 +659,15 @@ if triton is not None:
                     (64, 128, 128, 4, 3), (128, 64, 64, 4, 4)]
 
     @triton.jit
-    def expert_tile(offsets_ptr, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-        # tile pid_m of the expert-sorted rows: (expert, first row, end of the expert's rows); expert = E past the
-        # last tile. Each expert's rows start a new tile, so a grid of cdiv(N, BLOCK_M) + E tiles covers any split.
+    def row_tile(offsets_ptr, N_OUT, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+        # this program's tile of the expert-sorted rows and of the output columns: (expert, rows, row mask, columns,
+        # column mask); expert = E for a program past the last tile. Each expert's rows start a new tile, so a grid
+        # of (cdiv(N, BLOCK_M) + E) x cdiv(N_OUT, BLOCK_N) programs covers any split; the column tile varies fastest,
+        # so the programs that share rows run side by side.
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+        pid_m, pid_n = pid // n_tiles, pid % n_tiles
         idx = tl.arange(0, E_POW2)
         ends = tl.load(offsets_ptr + idx, mask=idx < E, other=0)
         starts = tl.load(offsets_ptr + idx - 1, mask=(idx >= 1) & (idx < E), other=0)
@@ -671,7 +677,9 @@ if triton is not None:
         first = tl.sum(tl.where(idx == e, done - tiles, 0), 0)
         start = tl.sum(tl.where(idx == e, starts, 0), 0)
         end = tl.sum(tl.where(idx == e, ends, 0), 0)
-        return e, start + (pid_m - first) * BLOCK_M, end
+        rows = start + (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return e, rows, rows < end, cols, cols < N_OUT
 
     @triton.jit
     def activation(ptrs, mask, H, ACT: tl.constexpr):
@@ -697,18 +705,11 @@ if triton is not None:
         # block's share of dgate = act(pre) . dh, one partial per PART columns in dgate[column // PART, p] (so
         # every config of the autotune list writes every partial), and hg = gate * act(pre) [N, H] for the w2
         # gradient (each element is computed here once anyway). a, w, out: bf16 (fp32 in CPU tests).
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(N_OUT, BLOCK_N)
-        pid_m, pid_n = pid // n_tiles, pid % n_tiles
-        e, row0, end = expert_tile(offsets_ptr, pid_m, E, E_POW2, BLOCK_M)
+        e, rows, row_ok, cols, col_ok = row_tile(offsets_ptr, N_OUT, E, E_POW2, BLOCK_M, BLOCK_N)
         if e >= E:
             return
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
         assignment = tl.load(order_ptr + rows, mask=row_ok, other=0)
         token = (assignment // TOP_K).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N_OUT
         red = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + token[:, None] * stride_a + red[None, :]
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red[:, None] * stride_wk + cols[None, :] * stride_wn
@@ -738,7 +739,7 @@ if triton is not None:
                 tl.store(out_ptrs, (dh * u * s * (1 + g * (1 - s))).to(out_ptr.dtype.element_ty), mask=mask)
                 tl.store(out_ptrs + H, (dh * g * s).to(out_ptr.dtype.element_ty), mask=mask)
             part = tl.sum(tl.reshape(h * acc, (BLOCK_M, BLOCK_N // PART, PART)), 2)
-            blocks = pid_n * (BLOCK_N // PART) + tl.arange(0, BLOCK_N // PART)
+            blocks = tl.program_id(0) % tl.cdiv(N_OUT, BLOCK_N) * (BLOCK_N // PART) + tl.arange(0, BLOCK_N // PART)
             tl.store(dgate_ptr + blocks[None, :] * N + rows[:, None], part,
                      mask=row_ok[:, None] & (blocks < tl.cdiv(N_OUT, PART))[None, :])
             hg_ptrs = hg_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :]
@@ -755,16 +756,9 @@ if triton is not None:
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # out[order[p], n] = gate[order[p]] * sum_c act(a)[p, c] * w[e(p), c, n]: a in expert order, out in
         # assignment order. Down-projection: a = pre, ACT > 0, HAS_GATE. dx: a = dpre, w = w1, ACT = 0.
-        pid = tl.program_id(0)
-        n_tiles = tl.cdiv(N_OUT, BLOCK_N)
-        pid_m, pid_n = pid // n_tiles, pid % n_tiles
-        e, row0, end = expert_tile(offsets_ptr, pid_m, E, E_POW2, BLOCK_M)
+        e, rows, row_ok, cols, col_ok = row_tile(offsets_ptr, N_OUT, E, E_POW2, BLOCK_M, BLOCK_N)
         if e >= E:
             return
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N_OUT
         red = tl.arange(0, BLOCK_K)
         a_rows = a_ptr + rows.to(tl.int64) * stride_a
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + red[:, None] * stride_wk + cols[None, :] * stride_wn
