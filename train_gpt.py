@@ -115,16 +115,25 @@ def parse_value(name: str, raw: str, kind: type):
         raise ConfigError(f"{name}={raw!r} is not a{'n' if kind is int else ''} {kind.__name__}; "
                           f"e.g. {name}={kind(Hyperparameters.__dataclass_fields__[name.lower()].default)}") from None
 
+def setting_meant_by(key: str, names: list[str]) -> str | None:
+    # a setting in the wrong case, misspelt, or abbreviated word by word (NUM_ITERS); an unrelated variable that
+    # merely shares a word with a setting (LOG_LEVEL, RUN_NAME) is left alone
+    upper = key.upper()
+    close = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
+    if close:
+        return close[0]
+    words = upper.split("_")
+    return next((name for name in names if len(words) > 1 and len(name.split("_")) == len(words)
+                 and all(len(w) >= 3 and part.startswith(w[:3]) for w, part in zip(words, name.split("_")))), None)
+
 def load_config(env: dict) -> Hyperparameters:
     by_env = {f.name.upper(): f for f in fields(Hyperparameters)}
     values = {}
     for key, raw in env.items():
         if key in by_env:
             values[by_env[key].name] = parse_value(key, raw, by_env[key].type)
-        elif key not in LAUNCHER_VARS:
-            close = difflib.get_close_matches(key, by_env, n=1, cutoff=0.85)
-            if close:
-                raise ConfigError(f"environment variable {key} is not a setting; did you mean {close[0]}?")
+        elif key not in LAUNCHER_VARS and (meant := setting_meant_by(key, list(by_env))):
+            raise ConfigError(f"environment variable {key} is not a setting; did you mean {meant}?")
     args = Hyperparameters(**values)
     validate(args)
     return args
@@ -160,10 +169,14 @@ def validate(args: Hyperparameters, world_size: int = 1):
          f"TRAIN_SEQ_LEN={args.train_seq_len} must be a positive multiple of 128 (the attention block size)")
     need(args.val_seq_len % 128 == 0 and args.val_seq_len > 0,
          f"VAL_SEQ_LEN={args.val_seq_len} must be a positive multiple of 128 (the attention block size)")
-    need(args.train_batch_tokens % (args.train_seq_len * world_size) == 0 and args.train_batch_tokens > 0,
+    need(args.train_batch_tokens > 0, f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be positive: the tokens "
+         f"of one optimizer step, a multiple of TRAIN_SEQ_LEN x GPUs = {args.train_seq_len} x {world_size}")
+    need(args.train_batch_tokens % (args.train_seq_len * world_size) == 0,
          f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN x GPUs = "
          f"{args.train_seq_len} x {world_size}")
-    need(args.val_tokens % (args.val_seq_len * world_size) == 0 and args.val_tokens > 0,
+    need(args.val_tokens > 0, f"VAL_TOKENS={args.val_tokens} must be positive: the tokens of every validation, "
+         f"a multiple of VAL_SEQ_LEN x GPUs = {args.val_seq_len} x {world_size}")
+    need(args.val_tokens % (args.val_seq_len * world_size) == 0,
          f"VAL_TOKENS={args.val_tokens} must be a multiple of VAL_SEQ_LEN x GPUs = {args.val_seq_len} x {world_size}")
     need(args.window_max % 128 == 0 and args.window_max > 0, f"WINDOW_MAX={args.window_max} must be a positive multiple of 128")
     need(args.num_heads >= 1 and args.head_dim % 8 == 0 and args.head_dim > 0,
@@ -176,6 +189,18 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.vocab_size > 50256, f"VOCAB_SIZE={args.vocab_size} must cover the GPT-2 end-of-text token 50256")
     for name in ("no_attn_layers", "long_window_layers", "moe_layers"):
         layer_list(name, getattr(args, name), args.num_layers)
+    # the residual (MODEL_DIM) and attention (NUM_HEADS x HEAD_DIM) widths are free, except where a value
+    # embedding, a [vocab, MODEL_DIM] table, is added to an attention layer's values
+    n, L = args.num_value_embeds, args.num_layers
+    no_attn = set(layer_list("no_attn_layers", args.no_attn_layers, L))
+    mixed = [i for i in range(L) if (i < n or i >= L - n) and i not in no_attn]
+    need(args.model_dim == args.num_heads * args.head_dim or not mixed,
+         f"MODEL_DIM={args.model_dim} must equal NUM_HEADS x HEAD_DIM = {args.num_heads} x {args.head_dim} = "
+         f"{args.num_heads * args.head_dim}: layer {mixed[0] if mixed else 0} adds a value embedding of width "
+         f"MODEL_DIM to its attention values; change one of them (or set NUM_VALUE_EMBEDS=0)")
+    need(args.profile_steps == 0 or 5 + args.profile_steps <= args.num_iterations,
+         f"PROFILE_STEPS={args.profile_steps} traces the steps after the first 5, but NUM_ITERATIONS="
+         f"{args.num_iterations} leaves only {max(args.num_iterations - 5, 0)}; lower PROFILE_STEPS or train longer")
     need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
     need(args.model_dim % 128 == 0 or args.num_experts == 0,
          f"MODEL_DIM={args.model_dim} must be a multiple of 128 with experts (grouped GEMM alignment)")

@@ -95,3 +95,38 @@ def test_cli_misspelling_exits_2_with_one_error_line():
     assert len(lines) == 1 and lines[0].startswith("error:") and "NUM_ITERATION" in lines[0], r.stderr
     assert "NUM_ITERATIONS" in lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("key,field", [("num_experts", "NUM_EXPERTS"), ("Num_Iterations", "NUM_ITERATIONS"),
+                                       ("NUM_ITERS", "NUM_ITERATIONS"), ("LOG_DIRECTORY", "LOG_DIR"),
+                                       ("NUM_EXP", "NUM_EXPERTS")])
+def test_lowercase_and_abbreviated_settings_are_refused_with_the_right_name(key, field):
+    with pytest.raises(ConfigError) as e:
+        load_config({key: "3"})
+    assert key in str(e.value) and f"did you mean {field}?" in str(e.value)
+
+
+def test_unrelated_variables_that_share_a_word_are_not_flagged():
+    env = dict(LOG_LEVEL="debug", RUN_NAME="x", COMPUTE="1", SAVE_PATH="/tmp", http_proxy="", no_proxy="", S="1")
+    assert load_config(env) == Hyperparameters()
+
+
+@pytest.mark.parametrize("env,needle", [
+    # the value embeddings are [vocab, MODEL_DIM] tables added to the attention's [NUM_HEADS x HEAD_DIM] values
+    (dict(MODEL_DIM="256", NUM_HEADS="2", HEAD_DIM="64"), "MODEL_DIM=256 must equal NUM_HEADS x HEAD_DIM = 2 x 64"),
+    (dict(VAL_TOKENS="0"), "VAL_TOKENS=0 must be positive"),
+    (dict(TRAIN_BATCH_TOKENS="0"), "TRAIN_BATCH_TOKENS=0 must be positive"),
+    (dict(PROFILE_STEPS="5", NUM_ITERATIONS="7"), "PROFILE_STEPS=5"),
+])
+def test_settings_that_would_crash_later_are_refused(env, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(env)
+    assert needle in str(e.value)
+
+
+def test_attention_width_may_differ_where_no_value_embedding_meets_attention():
+    # the residual width and the attention width are separate matrices' sizes: only the value embeddings tie them
+    load_config(dict(MODEL_DIM="256", NUM_HEADS="2", HEAD_DIM="64", NUM_VALUE_EMBEDS="0"))
+    load_config(dict(MODEL_DIM="256", NUM_HEADS="2", HEAD_DIM="64", NUM_LAYERS="2", NUM_VALUE_EMBEDS="1",
+                     NO_ATTN_LAYERS="0,1", LONG_WINDOW_LAYERS="0"))
+    load_config(dict(PROFILE_STEPS="2", NUM_ITERATIONS="7"))  # steps 6 and 7 traced: the last two
