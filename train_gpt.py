@@ -1048,10 +1048,35 @@ def read_shard(path: Path, pin: bool = False) -> Tensor:
     tokens = torch.from_numpy(np.fromfile(path, dtype="<u2", offset=HEADER_BYTES).astype(np.int32))
     return tokens.pin_memory() if pin else tokens
 
+def check_vocab(path: Path, vocab_size: int):
+    # an id >= VOCAB_SIZE would pass the embedding's bounds only as a crash (a device-side assert on GPU)
+    if check_shard(path) == 0:
+        return
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES)
+    if tokens.max() >= vocab_size:
+        at = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token {at} is id {tokens[at]}, outside VOCAB_SIZE={vocab_size}; tokenize the text "
+                        f"with GPT-2's BPE (data/tokenize_text.py) or raise VOCAB_SIZE")
+
+def shards_to_read(files: list[Path], batch_tokens: int, batches: int, file_idx: int = 0, pos: int = 0) -> list[Path]:
+    # the shards a DataLoader at (file_idx, pos) reads for `batches` batches: a shard holds (tokens - 1) // batch
+    # batches (the +1 is the last target), so the run's start-up checks only what it will read
+    read = []
+    while batches > 0 and len(read) < len(files):
+        read.append(files[file_idx])
+        batches -= max(0, (check_shard(files[file_idx]) - 1 - pos) // batch_tokens)
+        file_idx, pos = (file_idx + 1) % len(files), 0
+    return read
+
 def find_shards(pattern: str, name: str) -> list[Path]:
     roots = [Path.cwd()] if Path(pattern).is_absolute() else [Path.cwd(), REPO]
+    if not pattern.strip():
+        raise DataError(f"{name} is empty; set it to a glob of shards, e.g. "
+                        f"{name}={Hyperparameters.__dataclass_fields__[name.lower()].default}")
+    if any((root / pattern).is_dir() for root in roots):
+        raise DataError(f"{name}={pattern} is a folder; give a glob of its shards, e.g. {name}={Path(pattern) / '*.bin'}")
     for root in roots:
-        files = sorted(Path(p) for p in glob.glob(str(root / pattern)))
+        files = sorted(Path(p) for p in glob.glob(str(root / pattern)) if not Path(p).is_dir())
         if files:
             for f in files:
                 check_shard(f)
@@ -1195,6 +1220,9 @@ class Log:
 class NonFiniteLoss(RuntimeError):
     pass
 
+class CheckpointError(RuntimeError):
+    pass
+
 def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
     lines = []
     for layer, m in moes:
@@ -1222,6 +1250,32 @@ def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module):
             raise ConfigError(f"RESUME={args.resume} holds {name} of shape {tuple(saved.shape)} but this model's is "
                               f"{tuple(own[name].shape)}; set the width it was trained with (EXPERT_HIDDEN, MLP_HIDDEN)")
 
+CHECKPOINT_KEYS = ("step", "args", "model", "optimizers", "loader", "rng")
+
+def load_checkpoint(args: Hyperparameters) -> dict:
+    # read and checked before any model or GPU work; tensors stay on the CPU until load_state_dict copies them
+    if not Path(args.resume).is_file():
+        raise ConfigError(f"RESUME={args.resume}: no such file; give a checkpoint that SAVE_EVERY or SAVE_CHECKPOINT "
+                          f"wrote ({args.checkpoint_dir}/<run id>/step_<N>.pt)")
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises whatever the bytes trip (IndexError, UnpicklingError, zip errors)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint ({reason}); it is truncated or "
+                          f"not a checkpoint: resume from another one") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"RESUME={args.resume} is not a checkpoint of train_gpt.py (it has no '{missing[0]}'); "
+                          f"give one that SAVE_EVERY or SAVE_CHECKPOINT wrote")
+    if ckpt["step"] >= args.num_iterations:
+        raise ConfigError(f"RESUME={args.resume} is at step {ckpt['step']} and NUM_ITERATIONS={args.num_iterations} "
+                          f"leaves nothing to train; raise NUM_ITERATIONS above {ckpt['step']} to continue")
+    if args.profile_steps and ckpt["step"] + 5 + args.profile_steps > args.num_iterations:
+        raise ConfigError(f"RESUME={args.resume} continues from step {ckpt['step']}: PROFILE_STEPS="
+                          f"{args.profile_steps} after 5 untraced steps runs past NUM_ITERATIONS={args.num_iterations}; "
+                          f"lower PROFILE_STEPS")
+    return ckpt
+
 def main(env: dict | None = None):
     args = load_config(dict(os.environ) if env is None else env)
     distributed = "RANK" in os.environ
@@ -1231,6 +1285,7 @@ def main(env: dict | None = None):
     log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
     if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
+    ckpt = load_checkpoint(args) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
@@ -1241,17 +1296,22 @@ def main(env: dict | None = None):
     if val_available < args.val_tokens:
         raise DataError(f"VAL_FILES={args.val_files} hold {val_available} usable tokens in batches of VAL_SEQ_LEN x GPUs, "
                         f"fewer than VAL_TOKENS={args.val_tokens}; lower VAL_TOKENS or add val shards")
+    loader = ckpt["loader"] if ckpt else dict(file_idx=0, pos=0)
+    for f in (shards_to_read(train_files, args.train_batch_tokens, args.num_iterations - (ckpt["step"] if ckpt else 0),
+                             loader["file_idx"], loader["pos"])
+              + shards_to_read(val_files, val_batch, args.val_tokens // val_batch)):
+        check_vocab(f, args.vocab_size)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     try:
-        return train(args, rank, world_size, device, train_files, val_files)
+        return train(args, rank, world_size, device, train_files, val_files, ckpt)
     finally:
         if distributed:
             dist.destroy_process_group()
 
 def train(args: Hyperparameters, rank: int, world_size: int, device: torch.device, train_files: list[Path],
-          val_files: list[Path]) -> dict:
+          val_files: list[Path], ckpt: dict | None = None) -> dict:
     global attention_kernel
     master = rank == 0
     run_id = args.run_id or str(uuid.uuid4())
@@ -1293,9 +1353,8 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
 
     train_loader = DataLoader(train_files, args.train_batch_tokens, args.train_seq_len, rank, world_size, device, log)
     val_loader = DataLoader(val_files, world_size * args.val_seq_len, args.val_seq_len, rank, world_size, device)
-    start_step = 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+    start_step, carried_ms = 0, 0.0
+    if ckpt:
         check_checkpoint(ckpt, args, model)
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
@@ -1305,7 +1364,11 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         start_step = ckpt["step"]
-        log(f"resumed from {args.resume} at step {start_step}")
+        # the train time before the checkpoint carries over, so the log's times are the whole run's (checkpoints
+        # written before train_ms was saved leave it out, and the line without train_time says so)
+        carried_ms = ckpt.get("train_ms", 0.0)
+        log(f"resumed from {args.resume} at step {start_step}"
+            + (f" train_time:{carried_ms:.0f}ms" if "train_ms" in ckpt else ""))
 
     window_cache: dict[int, Tensor] = {}
 
@@ -1387,14 +1450,29 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         model.train()
         return loss.item()
 
-    def save(step: int):
+    def save(step: int, train_ms: float):
         if not master:
             return
         path = repo_path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        torch.save(dict(step=step, args=asdict(args), model=model.state_dict(),
-                        optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=rng), path)
+        state = dict(step=step, args=asdict(args), model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                     loader=train_loader.state_dict(), rng=rng, train_ms=train_ms)
+        # written whole under a temporary name in the same folder, then renamed: a checkpoint's name never holds
+        # a partial file, whatever stops the write (full disk, kill)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            log(f"stopped: could not write {path} ({reason})")
+            raise CheckpointError(f"could not write {path} ({reason}); free disk space and resume from the last "
+                                  f"checkpoint" + (f"; the log is kept at {log.path}" if log.path else "")) from None
         log(f"checkpoint: {path}")
 
     def sync():
@@ -1407,7 +1485,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
 
     # the first step whose train loss was not finite, numbered as its `step:N/M` line (training step N-1 logs N)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    train_ms, val_loss = 0.0, float("nan")
+    train_ms, val_loss = carried_ms, float("nan")
     profiler = None
     sync()
     t0 = time.perf_counter()
@@ -1425,7 +1503,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             val_loss = evaluate(step)
             done = step - start_step
             log(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(done, 1) if done else float('nan'):.2f}ms")
+                f"step_avg:{(train_ms - carried_ms) / done if done else float('nan'):.2f}ms")
             for line in moe_report(moes, step) if master else []:
                 log(line)
             for _, m in moes:
@@ -1450,16 +1528,17 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.num_iterations:
             sync()
             t_save = time.perf_counter()
-            save(step + 1)
+            save(step + 1, train_ms + 1000 * (t_save - t0))
             t0 += time.perf_counter() - t_save
         done = step + 1 - start_step
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        eta = approx_ms / done * (args.num_iterations - step - 1) / 1000
-        line = f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / done:.2f}ms"
+        step_avg = (approx_ms - carried_ms) / done
+        eta = step_avg * (args.num_iterations - step - 1) / 1000
+        line = f"step:{step + 1}/{args.num_iterations} train_time:{approx_ms:.0f}ms step_avg:{step_avg:.2f}ms"
         log(line, console=False)
         log(f"{line} eta:{eta:.0f}s", file=False)
     if args.save_checkpoint:
-        save(args.num_iterations)
+        save(args.num_iterations, train_ms)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2 ** 20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved(device) // 2 ** 20} MiB")
@@ -1470,6 +1549,6 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, NonFiniteLoss) as e:
+    except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

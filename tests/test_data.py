@@ -146,3 +146,40 @@ def test_rewind_restarts_from_the_first_shard(tmp_path):
     assert first[1][0][0][0].item() == 100_000 % 65536
     loader.rewind()
     assert torch.equal(batches(loader, 1)[0][0][0], first[0][0][0])
+
+
+@pytest.mark.parametrize("pattern", ["", "folder"])
+def test_empty_or_folder_pattern_names_the_setting_and_suggests_a_glob(tmp_path, monkeypatch, pattern):
+    write_shard(tmp_path / "v_000.bin", np.arange(10))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        find_shards(str(tmp_path) if pattern else "", "VAL_FILES")
+    assert "VAL_FILES" in str(e.value) and "*.bin" in str(e.value) and "no such shard" not in str(e.value)
+    if pattern:
+        assert f"{tmp_path}/*.bin" in str(e.value)
+
+
+def test_shards_to_read_are_those_the_loader_reaches(tmp_path):
+    # 2500 tokens fill two batches of 1024 (+1 target), 1100 one: 3 batches need shards 0 and 1, 4 wrap to shard 2
+    files = counting_shards(tmp_path, [2500, 1100, 3000])
+    assert train_gpt.shards_to_read(files, 1024, 2) == files[:1]
+    assert train_gpt.shards_to_read(files, 1024, 3) == files[:2]
+    assert train_gpt.shards_to_read(files, 1024, 4) == files
+    assert train_gpt.shards_to_read(files, 1024, 100) == files
+    assert train_gpt.shards_to_read(files, 1024, 1, file_idx=0, pos=1024) == files[:1]  # a resumed loader
+    assert train_gpt.shards_to_read(files, 1024, 1, file_idx=0, pos=2048) == files[:2]
+    loader = DataLoader(files, 1024, 256, 0, 1, CPU)
+    for _ in range(4):
+        loader.next_batch()
+    assert loader.file_idx == 2
+
+
+def test_token_id_outside_the_vocabulary_is_named_with_its_shard(tmp_path):
+    tokens = np.arange(3000) % 50257
+    tokens[1234] = 60000
+    path = write_shard(tmp_path / "bad.bin", tokens)
+    with pytest.raises(DataError) as e:
+        train_gpt.check_vocab(path, 50257)
+    assert str(path) in str(e.value) and "60000" in str(e.value) and "VOCAB_SIZE=50257" in str(e.value)
+    assert "1234" in str(e.value)
+    train_gpt.check_vocab(path, 60001)

@@ -233,7 +233,82 @@ def test_resume_continues_the_run_exactly(full_run):
     result = train_gpt.main(tiny_env(full_run["data"], out, RUN_ID="resumed", VAL_LOSS_EVERY=1, VAL_TOKENS=512,
                                      RESUME=ckpt))
     resumed, uninterrupted = val_lines(Path(result["log"])), val_lines(full_run["log"])
-    assert f"resumed from {ckpt} at step 10" in Path(result["log"]).read_text()
+    # the log says where the run resumed and carries the train time over, so its times are the whole run's
+    carried = torch.load(ckpt)["train_ms"]
+    lines = Path(result["log"]).read_text().splitlines()
+    assert f"resumed from {ckpt} at step 10 train_time:{carried:.0f}ms" in lines
+    assert 0 < carried < float(VAL_LINE.match(next(l for l in lines if l.startswith("step:10/")))[4]) <= carried + 1
     assert list(resumed) == list(range(10, 21))
     assert resumed == {step: uninterrupted[step] for step in resumed}
     assert result["val_loss"] == full_run["result"]["val_loss"]  # bit for bit
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_beyond_the_vocabulary_stop_main_before_training(tmp_path, split):
+    # one valid uint16 id >= VOCAB_SIZE in the second train shard (which the 20 steps reach) or in the val shard
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "syn_train_000001.bin", synthetic_tokens(5000, 1))
+    bad = synthetic_tokens(6000, 2 if split == "train" else 3)
+    bad[4321] = 60000
+    write_shard(data / "syn_train_000002.bin", bad if split == "train" else synthetic_tokens(6000, 2))
+    write_shard(data / "syn_val_000000.bin", bad if split == "val" else synthetic_tokens(6000, 3))
+    with pytest.raises(train_gpt.DataError) as e:
+        train_gpt.main(tiny_env(data, tmp_path))
+    name = "syn_train_000002.bin" if split == "train" else "syn_val_000000.bin"
+    assert name in str(e.value) and "60000" in str(e.value) and "VOCAB_SIZE=50257" in str(e.value)
+    assert not (tmp_path / "logs").exists()  # no log: training never started
+
+
+@pytest.mark.parametrize("val_files", ["", "folder"])
+def test_empty_or_folder_val_files_names_val_files(shared_shards, tmp_path, val_files):
+    env = tiny_env(shared_shards, tmp_path, VAL_FILES=str(shared_shards) if val_files else "")
+    with pytest.raises(train_gpt.DataError, match="VAL_FILES") as e:
+        train_gpt.main(env)
+    assert "*" in str(e.value)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_file_under_its_name(shared_shards, tmp_path):
+    # a file size limit stands in for a full disk: the ~30 MB checkpoint is cut off at 2 MB, the log is not
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
+    try:
+        with pytest.raises(train_gpt.CheckpointError) as e:
+            train_gpt.main(tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=4, VAL_LOSS_EVERY=0, SAVE_EVERY=2,
+                                    TRAIN_BATCH_TOKENS=256, VAL_TOKENS=512))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    path = tmp_path / "ckpt" / "tiny" / "step_000002.pt"
+    assert str(path) in str(e.value)
+    assert list(path.parent.iterdir()) == []  # neither the checkpoint's name nor a temporary file
+    assert (tmp_path / "logs" / "tiny.txt").read_text().splitlines()[-1].startswith(f"stopped: could not write {path}")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "no such file"),
+    ("truncated", "cannot be read as a checkpoint"),
+    ("text", "cannot be read as a checkpoint"),
+    ("other torch file", "is not a checkpoint of train_gpt.py"),
+    ("at the end", "is at step 10 and NUM_ITERATIONS=10 leaves nothing to train"),
+    ("profile past the end", "PROFILE_STEPS=8"),
+])
+def test_resume_is_checked_before_the_model_is_built(full_run, tmp_path, monkeypatch, case, message):
+    ckpt = full_run["out"] / "ckpt" / "full" / "step_000010.pt"
+    path = tmp_path / "resume.pt"
+    overrides = {}
+    if case == "truncated":
+        path.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
+    elif case == "text":
+        path.write_text("step 10\n")
+    elif case == "other torch file":
+        torch.save(dict(state_dict=dict(w=torch.zeros(2))), path)
+    elif case == "at the end":
+        path, overrides = ckpt, dict(NUM_ITERATIONS=10)
+    elif case == "profile past the end":
+        path, overrides = ckpt, dict(PROFILE_STEPS=8)  # steps 16..23 of 20
+    monkeypatch.setattr(train_gpt, "GPT", None)  # building the model would fail: the check must come first
+    with pytest.raises(train_gpt.ConfigError) as e:
+        train_gpt.main(tiny_env(full_run["data"], tmp_path, RESUME=path, **overrides))
+    assert f"RESUME={path}" in str(e.value) and message in str(e.value)
+    assert not (tmp_path / "logs").exists()
