@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import datetime
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 from dataclasses import dataclass, fields, asdict
 
@@ -541,6 +542,12 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     # x: [N, in] rows sorted by expert, w: [E, out, in]; rows offsets[e-1]:offsets[e] go through w[e]
     return torch._grouped_mm(x, w.type_as(x).mT, offs=offsets)
 
+def expert_capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
+    # ceil(cf * T * k / E) in integers, with cf read as the shortest decimal that gives the float back (what the
+    # user typed: 1.1 is 11/10, not 1.1000000000000000888 whose product 55.000000000000004 rounds up to 56)
+    cf = Fraction(repr(capacity_factor))
+    return -(-(cf.numerator * tokens * k) // (cf.denominator * num_experts))
+
 class MoE(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -595,7 +602,7 @@ class MoE(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         dropped = x.new_zeros((), dtype=torch.float32)
         if self.capacity_factor:
-            capacity = math.ceil(self.capacity_factor * T * k / E)
+            capacity = expert_capacity(self.capacity_factor, T, k, E)
             queue_pos = arange - (offsets - counts)[flat[order]]  # position in its expert's queue
             keep = (queue_pos < capacity)[inverse].view(T, k)
             gates = gates * keep

@@ -38,6 +38,14 @@ def make_moe(E: int, K: int, router: str = "softmax", act: str = "relu2", shared
     return moe
 
 
+def activation(moe: tg.MoE, h: torch.Tensor) -> torch.Tensor:
+    # written out here, not taken from the layer: relu(h)^2, or SwiGLU's silu(gate) * up with gate = the first half
+    if moe.act is tg.swiglu:
+        gate, up = h[..., :h.size(-1) // 2], h[..., h.size(-1) // 2:]
+        return gate * torch.sigmoid(gate) * up
+    return torch.clamp_min(h, 0) ** 2
+
+
 def reference(moe: tg.MoE, x: torch.Tensor, noise: torch.Tensor | None = None,
               capacity: int | None = None) -> tuple[torch.Tensor, float]:
     # routing recomputed from the weights in fp32, then one expert at a time over its tokens
@@ -59,10 +67,10 @@ def reference(moe: tg.MoE, x: torch.Tensor, noise: torch.Tensor | None = None,
     y = torch.zeros_like(x2)
     for e in range(E):
         rows = kept[:, e].nonzero().squeeze(1)
-        h = moe.act(x2[rows] @ moe.w1[e].T)
+        h = activation(moe, x2[rows] @ moe.w1[e].T)
         y = y.index_add(0, rows, gates[rows, e, None] * (h @ moe.w2[e].T))
     if moe.shared is not None:
-        y = y + moe.shared(x2)
+        y = y + activation(moe, x2 @ moe.shared.c_fc.weight.T) @ moe.shared.c_proj.weight.T
     return y.view(x.shape), 1 - kept.sum().item() / (T * K)
 
 
@@ -146,13 +154,15 @@ def skewed(moe: tg.MoE, x: torch.Tensor) -> torch.Tensor:
     return x + u
 
 
-@pytest.mark.parametrize("cf", [0.5, 1.0])
-@pytest.mark.parametrize("K", [1, 2])
-def test_capacity_keeps_first_tokens(cf, K):
-    T, E = 32, 4
+# capacity = ceil(cf * T * K / E) with E = 4, worked out by hand: 0.5*30/4 = 3.75 -> 4, 1.1*30*2/4 = 16.5 -> 17,
+# 0.3*34*2/4 = 5.1 -> 6, and 1.1*100*2/4 = 55 exactly (56 in floating point, where 1.1 is 1.1000000000000000888)
+@pytest.mark.parametrize("cf,T,K,capacity", [(0.5, 32, 1, 4), (1.0, 32, 2, 16), (0.5, 30, 1, 4), (1.1, 30, 1, 9),
+                                             (1.1, 30, 2, 17), (0.3, 34, 2, 6), (1.1, 100, 2, 55)])
+def test_capacity_keeps_first_tokens(cf, T, K, capacity):
+    E = 4
+    assert tg.expert_capacity(cf, T, K, E) == capacity
     moe = make_moe(E, K, capacity_factor=cf)
     x = skewed(moe, torch.randn(1, T, 32))
-    capacity = math.ceil(cf * T * K / E)
     _, dropped = reference(moe, x, capacity=capacity)
     assert dropped > 0, "the case should overflow an expert"
     assert_same_layer(moe, x, capacity=capacity)
@@ -163,6 +173,14 @@ def test_capacity_keeps_first_tokens(cf, K):
     calls, reported = moe.stats[[0, 4]].tolist()
     assert calls == 1
     assert reported == pytest.approx(dropped, abs=1e-6)
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    # every factor 0.01..3.00 as typed: ceil(c/100 * T * K / E) in integers; the float formula misses 1.1 at
+    # (100, 2, 4) and many more
+    for c in range(1, 301):
+        for T, K, E in [(100, 2, 4), (30, 1, 4), (64, 2, 8), (10, 1, 1), (127, 2, 3)]:
+            assert tg.expert_capacity(c / 100, T, K, E) == -(-(c * T * K) // (100 * E)), (c / 100, T, K, E)
 
 
 # -----------------------------------------------------------------------------
