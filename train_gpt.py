@@ -309,14 +309,19 @@ def momentum_stack(grads: list[Tensor], bufs: list[Tensor], momentum: Tensor) ->
     return torch.cat([g.lerp(buf, momentum).bfloat16().view(-1, m, n) for g, buf in zip(grads, bufs)])
 
 class Muon(torch.optim.Optimizer):
-    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape.
-    # Each rank orthogonalizes a contiguous share of the stacked matrices, then all_gather (async, overlapped).
-    # The momentum reaches the compiled part as a device tensor, so its warmup causes no recompilation.
+    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape. A param in
+    # `halves` stacks two matrices along its rows (SwiGLU's [gate; up]): each half is orthogonalized and scaled
+    # as its own matrix, as QKV's three are. Each rank orthogonalizes a contiguous share of the stacked matrices,
+    # then all_gather (async, overlapped). The momentum reaches the compiled part as a device tensor, so its
+    # warmup causes no recompilation.
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
-                 compiled: bool = False):
-        params = list(params)
-        shapes = sorted({tuple(p.shape[-2:]) for p in params})
-        groups = [dict(params=[p for p in params if tuple(p.shape[-2:]) == s]) for s in shapes]
+                 compiled: bool = False, halves=()):
+        params, halved = list(params), {id(p) for p in halves}
+
+        def matrix(p: Tensor) -> tuple[int, int]:
+            return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1)
+
+        groups = [dict(params=[p for p in params if matrix(p) == s], matrix=s) for s in sorted(set(map(matrix, params)))]
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         self.rank, self.world_size = rank, world_size
         compile = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
@@ -328,13 +333,13 @@ class Muon(torch.optim.Optimizer):
         pending = []
         for group, momentum in zip(self.param_groups, self.momentum):
             params = [p for p in group["params"] if p.grad is not None]
-            m, n = params[0].shape[-2:]
+            m, n = group["matrix"]
             momentum.fill_(group["momentum"])
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            stacked = self.momentum_stack([p.grad for p in params], bufs, momentum)
+            bufs = [self.state[p]["momentum_buffer"].view(-1, m, n) for p in params]
+            stacked = self.momentum_stack([p.grad.view(-1, m, n) for p in params], bufs, momentum)
             share = -(-stacked.size(0) // self.world_size)
             if stacked.size(0) < share * self.world_size:
                 stacked = torch.cat([stacked, stacked.new_zeros(share * self.world_size - stacked.size(0), m, n)])
@@ -348,7 +353,7 @@ class Muon(torch.optim.Optimizer):
         for group, params, gathered, handle in pending:
             if handle is not None:
                 handle.wait()
-            m, n = params[0].shape[-2:]
+            m, n = group["matrix"]
             scale = -group["lr"] * max(1, m / n) ** 0.5  # per-matrix shape, so experts scale as their own matrices
             start = 0
             for p in params:
@@ -1172,8 +1177,12 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
     if args.matrix_optimizer == "adamw":
         adam_groups.append(dict(params=matrices, lr=args.adamw_lr, weight_decay=args.adamw_weight_decay))
     else:
+        # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
+        halves = [m.w1 if isinstance(m, MoE) else m.c_fc.weight for m in model.modules()
+                  if isinstance(m, (MoE, MLP)) and m.act is swiglu]
         optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
-                               rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda"))
+                               rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda",
+                               halves=halves))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
     optimizers.insert(0, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                                            fused=device.type == "cuda"))

@@ -20,6 +20,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def newton_schulz_fp64(g: torch.Tensor, steps: int) -> torch.Tensor:
+    # the textbook quintic iteration in float64: normalize, then X <- aX + (bA + cA^2)X with A = X X^T
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double().mT if g.size(-2) > g.size(-1) else g.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
 def write_shard(path: Path, tokens) -> Path:
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, len(tokens))

@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from conftest import ROOT, launch, rel_err, tiny_env
+from conftest import ROOT, launch, newton_schulz_fp64, rel_err, tiny_env
 import train_gpt as tg
 
 
@@ -346,9 +346,9 @@ def test_orthogonalize_is_per_expert():
     for m, n in [(64, 32), (32, 64)]:
         G = torch.randn(4, m, n)
         stacked = tg.orthogonalize(G, 5).float()
-        looped = torch.stack([tg.orthogonalize(g, 5) for g in G]).float()
-        torch.testing.assert_close(stacked, looped, rtol=0, atol=2e-2)
-        merged = tg.orthogonalize(G.reshape(4 * m, n), 5).float().view(4, m, n)
+        looped = torch.stack([newton_schulz_fp64(g, 5) for g in G])
+        assert rel_err(stacked, looped) < 0.04  # bf16 Newton-Schulz against fp64 (test_muon)
+        merged = newton_schulz_fp64(G.reshape(4 * m, n), 5).view(4, m, n)
         assert (stacked - merged).abs().max() > 0.2, "a stack should not be orthogonalized as one matrix"
         sv = torch.linalg.svdvals(stacked)
         assert sv.min() > 0.5 and sv.max() < 1.5, "every expert's matrix should come out near-orthogonal"
@@ -363,8 +363,10 @@ def test_muon_lr_scale_uses_expert_shape(m, n):
     opt = tg.Muon([p], lr=0.1, momentum=0.0, ns_steps=5)
     opt.step()
     # sqrt(max(1, m / n)) of one expert, not of the [4m, n] stack
-    want = 0.1 * max(1, m / n) ** 0.5 * tg.orthogonalize(p.grad, 5).float()
-    torch.testing.assert_close(before - p.detach(), want, rtol=1e-4, atol=1e-5)
+    want = 0.1 * max(1, m / n) ** 0.5 * newton_schulz_fp64(p.grad, 5)
+    assert rel_err(before - p.detach(), want) < 0.04  # bf16 Newton-Schulz against fp64 (test_muon)
+    if m > n:  # the [4m, n] stack's sqrt(4m / n) would be twice as large: rel_err(x, 2x) = 0.5
+        assert rel_err(before - p.detach(), want * 2) > 0.4
 
 
 # -----------------------------------------------------------------------------
