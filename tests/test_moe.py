@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -488,11 +489,75 @@ def test_soft_moe_trains(shards, tmp_path):
         assert 0 < fields["gate_min"] <= 1 / 4 + 1e-4
 
 
+GRADIENT_CHECK = """
+import json, os, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_gpt
+forward, adamw_step = train_gpt.GPT.forward, torch.optim.AdamW.step
+micro, params = [], []
+
+
+def recording_forward(self, *args):
+    # each micro-step's gradients of its cross-entropy and of its aux loss, from the graph the trainer backpropagates
+    ce, aux = forward(self, *args)
+    if self.training:
+        params[:] = self.parameters()
+        grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in (ce, aux)]
+        micro.append([[torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)] for gs in grads])
+    return ce, aux
+
+
+def checking_step(self, *args, **kwargs):
+    # AdamW steps first: every parameter's gradient is still there, summed over micro-steps and ranks
+    if micro:
+        n, world = len(micro), dist.get_world_size()
+        worst = wrong = 0.0
+        for i, p in enumerate(params):
+            ce = sum(step[0][i] for step in micro)
+            aux = sum(step[1][i] for step in micro)
+            for t in (ce, aux):
+                dist.all_reduce(t)
+            want = (ce + aux) / (n * world)  # the mean over every micro-step of every rank
+            undivided = ce / (n * world) + aux  # what an aux loss left out of the division would give
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            if want.norm() > 0:
+                worst = max(worst, ((got - want).norm() / want.norm()).item())
+                wrong = max(wrong, ((undivided - want).norm() / want.norm()).item())
+        print("gradient check: " + json.dumps(dict(micro_steps=n, world_size=world, worst=worst, wrong=wrong)))
+        micro.clear()
+    return adamw_step(self, *args, **kwargs)
+
+
+train_gpt.GPT.forward, torch.optim.AdamW.step = recording_forward, checking_step
+train_gpt.main()
+"""
+
+
+def test_aux_losses_are_averaged_over_micro_steps_and_ranks(shards, tmp_path):
+    # 2 ranks x 2 micro-steps, every balancing term on: the gradient the optimizer sees must be the mean of
+    # d(ce + aux) over the 4 micro-batches, which fails when the aux loss misses the division by either count
+    script = tmp_path / "check.py"
+    script.write_text(GRADIENT_CHECK.format(root=str(ROOT)))
+    env = tiny_env(shards, tmp_path, NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, ROUTER="noisy", AUX_LOSS_COEF=0.5,
+                   Z_LOSS_COEF=0.05, CAPACITY_FACTOR=1.1, TRAIN_BATCH_TOKENS=1024, TRAIN_SEQ_LEN=256,
+                   NUM_ITERATIONS=1, VAL_LOSS_EVERY=0, VAL_TOKENS=1024)
+    proc = launch(script, env, nproc=2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = [json.loads(line.split("gradient check: ")[1]) for line in proc.stdout.splitlines()
+              if "gradient check: " in line]
+    assert len(checks) == 2, proc.stdout[-3000:]
+    for check in checks:
+        assert (check["micro_steps"], check["world_size"]) == (2, 2)
+        assert check["worst"] < 1e-5  # the same sums in another order: fp32 rounding
+        assert check["wrong"] > 1e-2, "the aux loss should weigh enough for the check to see its scale"
+
+
 def test_two_processes_match_one(shards, tmp_path):
     def run(nproc: int) -> str:
         env = tiny_env(shards, tmp_path / f"np{nproc}", NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128,
                        TRAIN_BATCH_TOKENS=512, TRAIN_SEQ_LEN=256, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2,
-                       BIAS_UPDATE_RATE=0.01)
+                       BIAS_UPDATE_RATE=0.01, SAVE_CHECKPOINT=1)
         proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (tmp_path / f"np{nproc}" / "logs" / "tiny.txt").read_text()
@@ -512,7 +577,13 @@ def test_two_processes_match_one(shards, tmp_path):
             assert lines_two[key][f] == lines_one[key][f], (key, f)
         for f in ("entropy", "aux", "zloss", "gate_min"):
             assert lines_two[key][f] == pytest.approx(lines_one[key][f], abs=2e-3), (key, f)
-    assert moe_lines(one)[4, 0] != moe_lines(one)[0, 0]
+    # the bias moves by +-BIAS_UPDATE_RATE (or 0) per expert and step on the all-reduced (integer) load: after 4
+    # steps the biases are the same multiples of 0.01 in both runs, and not all zero
+    ckpt = {n: torch.load(tmp_path / f"np{n}" / "ckpt" / "tiny" / "step_000004.pt")["model"] for n in (1, 2)}
+    biases = {n: torch.stack([v for k, v in ckpt[n].items() if k.endswith(".mlp.bias")]) for n in (1, 2)}
+    assert biases[1].shape == (4, 4) and torch.equal(biases[1], biases[2])
+    steps = biases[1] / 0.01
+    assert (steps - steps.round()).abs().max() < 1e-4 and steps.abs().max() <= 4 and steps.abs().sum() > 0
 
 
 # -----------------------------------------------------------------------------
