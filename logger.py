@@ -29,6 +29,8 @@ STEP_LINE = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
 MOE_LINE = re.compile(r"^moe\s+(.*)$")
 JSON_LINE = re.compile(r"^(run|config):\s+(\{.*)$")
 PEAK_LINE = re.compile(r"^peak memory (?:allocated|consumption):\s+(\d+) MiB")
+# a run continued from a checkpoint; train_time is what the checkpoint carried over (absent in older logs)
+RESUME_LINE = re.compile(r"^resumed from .+ at step (\d+)(?: train_time:(\d+(?:\.\d*)?)ms)?\s*$")
 FIELD = re.compile(r"(\w+):(\S+)")
 # config keys that name or place a run without changing what it computes: they never split groups
 RUN_KEYS = "seed,run_id,log_dir,checkpoint_dir,save_every,save_checkpoint,resume,profile_steps"
@@ -63,10 +65,22 @@ class Run:
     val: list[ValPoint]
     moe: dict[int, dict[int, dict[str, float]]]  # step -> layer -> {"load_max": ..., ...}
     peak_mib: int | None
+    resumed_at: int | None = None  # the step a RESUME continued from
+    carried_ms: float | None = None  # the train time before it, when the log records it
+
+    @property
+    def partial(self) -> bool:
+        # resumed without the earlier train time: its times cover only the steps after the resume
+        return self.resumed_at is not None and self.carried_ms is None
 
     @property
     def complete(self) -> bool:
-        return bool(self.val) and self.val[-1].step == self.num_iterations and self.peak_mib is not None
+        return (bool(self.val) and self.val[-1].step == self.num_iterations and self.peak_mib is not None
+                and not self.partial)
+
+    @property
+    def status(self) -> str:
+        return "partial" if self.partial else "complete" if self.complete else "incomplete"
 
     @property
     def final_loss(self) -> float | None:
@@ -102,6 +116,7 @@ def parse_log(path: Path) -> Run:
     info, config, val, moe = {}, None, [], {}
     last_step, train_time_ms, step_avg_ms, total_steps = None, math.nan, math.nan, None
     peak_mib, smi_date, smi_gpus = None, None, set()
+    resumed_at, carried_ms = None, None
     for number, line in enumerate(lines[first_body_line:], start=first_body_line + 1):
         if match := STEP_LINE.match(line):
             fields = dict(FIELD.findall(match[3]))
@@ -136,6 +151,8 @@ def parse_log(path: Path) -> Run:
                 config = value
         elif match := PEAK_LINE.match(line):
             peak_mib = int(match[1])
+        elif match := RESUME_LINE.match(line):
+            resumed_at, carried_ms = int(match[1]), float(match[2]) if match[2] else None
         elif SMI_DATE.match(line):
             try:
                 smi_date = datetime.strptime(line.strip(), "%a %b %d %H:%M:%S %Y").isoformat()
@@ -163,6 +180,8 @@ def parse_log(path: Path) -> Run:
         val=val,
         moe=moe,
         peak_mib=peak_mib,
+        resumed_at=resumed_at,
+        carried_ms=carried_ms,
     )
 
 
@@ -280,7 +299,7 @@ def summary_table(runs: list[Run], markdown: bool) -> str:
             fmt(run.peak_mib),
             final_balance(run),
             final_gate_min(run),
-            "complete" if run.complete else "incomplete",
+            run.status,
         ])
     return render(header, rows, markdown)
 
@@ -289,11 +308,15 @@ def summary_table(runs: list[Run], markdown: bool) -> str:
 # compare
 
 def time_to_target(run: Run, target: float) -> tuple[float, float] | None:
-    # linear interpolation between the two val points that bracket the first crossing: (train time ms, step)
+    # linear interpolation between the two val points that bracket the first crossing: (train time ms, step);
+    # a partial run's times leave out the train time before its resume, so it has none
+    if run.partial:
+        return None
     for i, point in enumerate(run.val):
         if point.loss <= target:
             if i == 0:
-                return point.time_ms, point.step
+                # a resumed log starts where the run resumed: the crossing came before it, at a time not logged here
+                return (point.time_ms, point.step) if run.resumed_at is None else None
             before = run.val[i - 1]
             fraction = (before.loss - target) / (before.loss - point.loss)
             return (before.time_ms + fraction * (point.time_ms - before.time_ms),
@@ -368,8 +391,9 @@ def compare_report(groups: dict[str, list[Run]], target: float | None, markdown:
         header += ["Welch p loss", "Welch p time"]
     rows = []
     for label, runs in complete.items():
-        left_out = len(groups[label]) - len(runs)
-        row = [label, f"{len(runs)} (+{left_out} incomplete)" if left_out else str(len(runs)),
+        left_out = [run.status for run in groups[label] if not run.complete]
+        counts = ", ".join(f"+{left_out.count(status)} {status}" for status in sorted(set(left_out)))
+        row = [label, f"{len(runs)} ({counts})" if left_out else str(len(runs)),
                fmt_mean_std(losses[label], ".4f"), fmt_mean_std(times[label], ".2f")]
         if target is not None:
             reached = [hit[0] / 1000 for hit in (time_to_target(run, target) for run in runs) if hit]
@@ -390,6 +414,9 @@ def compare_report(groups: dict[str, list[Run]], target: float | None, markdown:
         notes.append(f"Welch p: two-sided Welch t-test of the group against the baseline ({baseline}).")
     if any(not run.complete for runs in groups.values() for run in runs):
         notes.append("Incomplete runs are listed below but left out of the statistics.")
+    if any(run.partial for runs in groups.values() for run in runs):
+        notes.append("Partial runs were resumed from a checkpoint whose train time their log does not record: "
+                     "their times cover only the steps after the resume.")
 
     run_header = ["group", "run", "status", "steps", "val loss", "train time [s]"]
     if target is not None:
@@ -397,7 +424,7 @@ def compare_report(groups: dict[str, list[Run]], target: float | None, markdown:
     run_rows = []
     for label, runs in groups.items():
         for run in runs:
-            row = [label, run.run_id, "complete" if run.complete else "incomplete",
+            row = [label, run.run_id, run.status,
                    f"{run.last_step}/{fmt(run.num_iterations)}", fmt(run.final_loss, ".4f"),
                    fmt(run.train_time_ms / 1000, ".2f")]
             if target is not None:
@@ -426,17 +453,19 @@ def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path
     if not plotted:
         raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a run stopped for a non-finite val loss logged it: NaN and inf have no place on the axes
+    finite = {run.path: [point for point in run.val if math.isfinite(point.loss)] for run in plotted}
     # the view starts at the first validation after step 0, so the differences that decide a record stay visible
-    later = [point.loss for run in plotted for point in run.val[1:]]
-    top = max((run.val[1].loss for run in plotted if len(run.val) > 1), default=None)
+    later = [point.loss for run in plotted for point in finite[run.path][1:]]
+    top = max((finite[run.path][1].loss for run in plotted if len(finite[run.path]) > 1), default=None)
     written = []
     for axis, label, name in (("time", "train time [s]", "val_loss_vs_time.png"),
                               ("step", "step", "val_loss_vs_step.png")):
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for run in plotted:
-            xs = [point.time_ms / 1000 if axis == "time" else point.step for point in run.val]
-            ax.plot(xs, [point.loss for point in run.val], marker=".", linewidth=1.2,
-                    label=run.run_id if run.complete else f"{run.run_id} (incomplete)")
+            xs = [point.time_ms / 1000 if axis == "time" else point.step for point in finite[run.path]]
+            ax.plot(xs, [point.loss for point in finite[run.path]], marker=".", linewidth=1.2,
+                    label=run.run_id if run.complete else f"{run.run_id} ({run.status})")
         if target is not None:
             ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target}")
         ax.set_yscale("log")
@@ -520,7 +549,7 @@ def records_tables(records_dir: Path, link_base: Path) -> str:
             runs = [parse_log(log) for log in logs]
             for run in runs:
                 if not run.complete:
-                    note(f"{run.path} is an incomplete run; left out of the record's means")
+                    note(f"{run.path} is {'a partial' if run.partial else 'an incomplete'} run; left out of the record's means")
             complete = [run for run in runs if run.complete]
             time_min = statistics.mean(run.train_time_ms for run in complete) / 60000 if complete else None
             loss = statistics.mean(run.final_loss for run in complete) if complete else None

@@ -390,3 +390,57 @@ def test_tiny_cpu_run_of_the_trainer_is_read_back(tmp_path):
     run = check_trainer_log(tmp_path / "logs" / "tiny-moe.txt")
     assert run.code_sha == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()[:12]
     assert [p.step for p in run.val] == [0, 1, 2] and sorted(run.moe[2]) == [0, 1]
+
+
+# -----------------------------------------------------------------------------
+# resumed runs and non-finite losses
+
+def write_resumed_log(path: Path, at: int, carried_ms: float | None, val: list[tuple[int, float, float]],
+                      num_iterations: int) -> Path:
+    # what train_gpt.py writes when RESUME continues a run: the resume line after the config, then the val lines
+    # from the resumed step on (whose times include the carried-over train time, when the checkpoint had it)
+    write_log(path, val, num_iterations)
+    lines = path.read_text().splitlines()
+    at_config = next(i for i, line in enumerate(lines) if line.startswith("config: "))
+    lines.insert(at_config + 1, f"resumed from ckpt/r/step_{at:06d}.pt at step {at}"
+                 + (f" train_time:{carried_ms:.0f}ms" if carried_ms is not None else ""))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_resumed_run_without_its_earlier_time_is_partial_and_left_out_of_compare(tmp_path, capsys):
+    # whole runs take 25 s; the old-style resumed log times only its last 6 of 12 steps (18.9 s)
+    for seed in range(2):
+        write_log(tmp_path / f"whole{seed}.txt", [(0, 0, 10.8), (6, 12000, 4.0), (12, 25000 + 100 * seed, 3.30)], 12)
+    resumed = write_resumed_log(tmp_path / "resumed.txt", 6, None, [(6, 0, 4.0), (12, 18900, 3.31)], 12)
+    run = logger.parse_log(resumed)
+    assert (run.resumed_at, run.carried_ms, run.status, run.complete) == (6, None, "partial", False)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--target", "3.5", tmp_path)
+    assert code == 0
+    assert table_row(out, "same config")[1:4] == ["2 (+1 partial)", "3.3000 ± 0.0000", "25.05 ± 0.07"]
+    assert table_row(out, "resumed", column=1)[2] == "partial"
+    assert table_row(out, "resumed", column=1)[-2:] == ["-", "-"]  # the crossing's time is not in this log
+    code, out, _ = run_cli(capsys, "summary", "--md", resumed)
+    assert table_row(out, "resumed")[-1] == "partial"
+
+
+def test_a_resumed_run_that_carries_its_time_is_a_whole_run(tmp_path, capsys):
+    write_log(tmp_path / "whole.txt", [(0, 0, 10.8), (6, 12000, 4.0), (12, 25000, 3.30)], 12)
+    resumed = write_resumed_log(tmp_path / "resumed.txt", 6, 12100, [(6, 12100, 4.0), (9, 18000, 3.4),
+                                                                     (12, 25400, 3.30)], 12)
+    run = logger.parse_log(resumed)
+    assert (run.resumed_at, run.carried_ms, run.status, run.train_time_ms) == (6, 12100, "complete", 25400)
+    assert logger.time_to_target(run, 3.7) == pytest.approx((12100 + 5900 * 0.5, 7.5))
+    assert logger.time_to_target(run, 4.5) is None  # crossed before the resume: not in this log
+    code, out, _ = run_cli(capsys, "compare", "--md", tmp_path)
+    assert table_row(out, "same config")[1:4] == ["2", "3.3000 ± 0.0000", "25.20 ± 0.28"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_plot_draws_a_run_stopped_for_a_non_finite_val_loss(tmp_path, capsys, bad):
+    # the trainer logs the non-finite validation, then stops: here at the first one after step 0
+    write_log(tmp_path / "logs" / "a_bad.txt", [(0, 0, 10.8), (100, 5000, float(bad))], 200, complete=False)
+    write_log(tmp_path / "logs" / "good.txt", [(0, 0, 10.8), (100, 5000, 4.5), (200, 10000, 4.0)], 200)
+    code, out, err = run_cli(capsys, "plot", "--target", "4.2", "--out-dir", tmp_path / "plots", tmp_path / "logs")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["val_loss_vs_step.png", "val_loss_vs_time.png"]
