@@ -5,6 +5,7 @@
     TRAIN_FILES="data/tokens/mine_train_*.bin" VAL_FILES="data/tokens/mine_val_*.bin" python train_gpt.py
 
 A .txt file is one document; a .jsonl file holds one document per line, in the field --text-field.
+Documents of only whitespace are skipped; a UTF-8 byte-order mark at a file's start is dropped.
 Every document starts with <|endoftext|> (50256), as in the FineWeb shards, and goes whole to val or train.
 """
 import argparse
@@ -77,27 +78,25 @@ def input_files(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def count_documents(files: list[Path]) -> int:
-    count = 0
-    for path in files:
-        if path.suffix == ".txt":
-            count += 1
-        else:
-            with open(path, "rb") as f:
-                count += sum(1 for line in f if line.strip())
-    return count
+def count_documents(files: list[Path], text_field: str) -> int:
+    # the same reader as the tokenizing pass, so both agree on what is a document
+    return sum(1 for _ in read_documents(files, text_field))
 
 
 def read_documents(files: list[Path], text_field: str):
+    # utf-8-sig drops the byte-order mark editors write at a file's start; a text of only whitespace (any
+    # Unicode space, as str.strip sees it) is no document
     for path in files:
         try:
             if path.suffix == ".txt":
-                yield path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")
+                if text.strip():
+                    yield text
                 continue
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield jsonl_text(line, text_field, f"{path}:{lineno}")
+                    if line.strip() and (text := jsonl_text(line, text_field, f"{path}:{lineno}")).strip():
+                        yield text
         except UnicodeDecodeError as error:
             raise InputError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
                              f"convert it to UTF-8") from error
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             raise InputError(f"{args.out} already holds {stale[0].name} and {len(stale) - 1} more "
                              f"'{args.prefix}_*.bin' shards; delete them or choose another --prefix or --out")
-        num_docs = count_documents(files)
+        num_docs = count_documents(files, args.text_field)
         num_val = args.val_docs if args.val_docs is not None else math.ceil(args.val_fraction * num_docs)
         if not 0 <= num_val < num_docs:
             raise InputError(f"{num_val} val documents out of {num_docs} leave none to train on; "
@@ -200,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(len(batch))
         for writer in writers.values():
             writer.close()
+        assert writers["val"].docs == num_val, "the counting and tokenizing passes disagree on the documents"
     except InputError as error:
         print(f"tokenize_text.py: error: {error}", file=sys.stderr)
         return 1

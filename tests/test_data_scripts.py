@@ -277,3 +277,36 @@ def test_tokenize_input_errors_are_named(corpus, tmp_path, capsys, case):
         write_shard(out / "text_train_000001.bin", [EOT])
     assert tokenize(*args, "--out", out) == 1
     assert message in capsys.readouterr().err
+
+
+def test_tokenize_reads_files_that_start_with_a_byte_order_mark(tmp_path):
+    # editors write EF BB BF at the start of UTF-8 files; it is not part of the first document's text
+    root = tmp_path / "bom"
+    root.mkdir()
+    (root / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": d}) for d in DOCS[:3]).encode())
+    (root / "b.txt").write_bytes(b"\xef\xbb\xbf" + DOCS[3].encode())
+    out = tmp_path / "tokens"
+    assert tokenize(root, "--out", out, "--val-docs", 1) == 0
+    val, _ = split_documents(out, "val")
+    train, _ = split_documents(out, "train")
+    assert sorted(val + train) == sorted(DOCS[:4])
+
+
+def test_tokenize_skips_blank_documents_everywhere(tmp_path, capsys):
+    # whitespace-only texts (a no-break space, a tab) and a line holding only a no-break space are no documents:
+    # counted nowhere, so --val-docs 1 gives exactly one val document
+    root = tmp_path / "blank"
+    root.mkdir()
+    lines = [json.dumps({"text": "\u00a0"}), "\u00a0", json.dumps({"text": DOCS[0]}), json.dumps({"text": " \t\n"}),
+             json.dumps({"text": DOCS[2]})]
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "b.txt").write_text("\u3000\n", encoding="utf-8")  # an ideographic space
+    out = tmp_path / "tokens"
+    assert tokenize(root, "--out", out, "--val-docs", 1) == 0
+    val, _ = split_documents(out, "val")
+    train, _ = split_documents(out, "train")
+    assert len(val) == 1 and sorted(val + train) == sorted([DOCS[0], DOCS[2]])
+    assert "val: 1 documents" in capsys.readouterr().out
+    # two real documents cannot spare two for validation
+    assert tokenize(root, "--out", tmp_path / "again", "--val-docs", 2) == 1
+    assert "2 val documents out of 2 leave none to train on" in capsys.readouterr().err
