@@ -1483,6 +1483,11 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         except (OSError, RuntimeError) as e:
             tmp.unlink(missing_ok=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
