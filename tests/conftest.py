@@ -78,6 +78,15 @@ def tiny_env(data: Path, out: Path, **overrides) -> dict:
     return env
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    # the layer tests are tiny: more threads only contend for the machine's few cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_shards(tmp_path_factory):
     # the same shards as `shards`, written once for the tests that share training runs; treat as read-only

@@ -13,16 +13,8 @@ import train_gpt as tg
 
 triton = pytest.importorskip("triton")
 
-pytestmark = pytest.mark.skipif(tg.triton is None or not tg.TRITON_INTERPRET,
-                                reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not tg.TRITON_INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it)"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def loop_reference(x, w1, w2, gates, experts, act):

@@ -14,13 +14,7 @@ from conftest import ROOT, launch, newton_schulz_fp64, rel_err, tiny_env
 import train_gpt as tg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the layer tests are tiny: more threads only contend for the machine's few cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_moe(E: int, K: int, router: str = "softmax", act: str = "relu2", shared: int = 0, dim: int = 32,
