@@ -55,8 +55,7 @@ def gpt2_encoding(bpe_dir: Path | None) -> tiktoken.Encoding:
             vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     except ValueError as error:
         raise InputError(f"--bpe-dir {bpe_dir} does not hold GPT-2's own BPE files ({error})") from error
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT})
 
 
 def input_files(inputs: list[str]) -> list[Path]:

@@ -19,7 +19,6 @@ import tokenize_text  # noqa: E402
 from shards import HEADER_BYTES, check_shard, read_header, read_shard, write_shard  # noqa: E402
 
 DOWNLOAD = ROOT / "data" / "cached_fineweb10B.py"
-BPE_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizer"
 EOT = 50256
 
 # -----------------------------------------------------------------------------
@@ -211,6 +210,35 @@ DOCS = ["Hello world", "Über straße: naïve café, 東京 🙂\n\nSecond parag
     f"Document {i} says: {'la ' * i}and a literal <|endoftext|> stays text." for i in range(40)]
 
 
+def byte_symbols() -> list[str]:
+    # GPT-2's data-gym alphabet (openai/gpt-2 encoder.py bytes_to_unicode): printable bytes stand for themselves,
+    # the others for chr(256 + n) in byte order; token ids follow this order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    symbol = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    return [symbol[b] for b in printable + others]
+
+
+# a few merges in GPT-2's notation (Ġ is the space) that turn "Hello world" into two tokens
+MERGES = [("H", "e"), ("l", "l"), ("He", "ll"), ("Hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("l", "d"),
+          ("Ġwor", "ld")]
+
+
+@pytest.fixture
+def small_bpe(tmp_path, monkeypatch) -> dict:
+    # vocab.bpe and encoder.json in GPT-2's format with 256 byte tokens and MERGES, accepted as if they were GPT-2's
+    bpe_dir = tmp_path / "bpe"
+    bpe_dir.mkdir()
+    encoder = {symbol: i for i, symbol in enumerate(byte_symbols())}
+    encoder |= {a + b: 256 + i for i, (a, b) in enumerate(MERGES)}
+    vocab_bpe = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
+    (bpe_dir / "vocab.bpe").write_text(vocab_bpe, encoding="utf-8")
+    (bpe_dir / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    for name, constant in (("vocab.bpe", "VOCAB_BPE_SHA256"), ("encoder.json", "ENCODER_JSON_SHA256")):
+        monkeypatch.setattr(tokenize_text, constant, hashlib.sha256((bpe_dir / name).read_bytes()).hexdigest())
+    return dict(dir=bpe_dir, encoder=encoder)
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"
@@ -222,30 +250,43 @@ def corpus(tmp_path) -> Path:
     return root
 
 
-def tokenize(*args) -> int:
-    return tokenize_text.main([str(arg) for arg in (*args, "--bpe-dir", BPE_DIR)])
+def tokenize(bpe_dir: Path, *args) -> int:
+    return tokenize_text.main([str(arg) for arg in (*args, "--bpe-dir", bpe_dir)])
 
 
-def split_documents(out: Path, split: str) -> tuple[list[str], list[int]]:
+def split_documents(out: Path, split: str, bpe_dir: Path) -> tuple[list[str], list[int]]:
     shards = sorted(out.glob(f"text_{split}_*.bin"))
     stream = np.concatenate([read_shard(path) for path in shards]) if shards else np.zeros(0, dtype=np.uint16)
     assert len(stream) == 0 or stream[0] == EOT, "every document starts with <|endoftext|>"
     starts = np.flatnonzero(stream == EOT).tolist() + [len(stream)]
-    encoding = tokenize_text.gpt2_encoding(BPE_DIR)
+    encoding = tokenize_text.gpt2_encoding(bpe_dir)
     docs = [encoding.decode(stream[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])]
     return docs, [check_shard(path) for path in shards]
 
 
-def test_gpt2_encoding_from_bpe_files():
-    assert tokenize_text.gpt2_encoding(BPE_DIR).encode("Hello world") == [15496, 995]
+def test_encoding_from_bpe_files_applies_the_merges(small_bpe):
+    encoding = tokenize_text.gpt2_encoding(small_bpe["dir"])
+    assert encoding.encode("Hello world") == [small_bpe["encoder"]["Hello"], small_bpe["encoder"]["Ġworld"]]
+    assert encoding.encode_ordinary("\x00 é") == [small_bpe["encoder"][s] for s in ("Ā", "Ġ", "Ã", "©")]
+    assert encoding.decode(encoding.encode(DOCS[1])) == DOCS[1]
+    assert encoding.encode("<|endoftext|>", allowed_special="all") == [EOT]
 
 
-def test_tokenize_splits_by_document_into_bounded_shards(corpus, tmp_path):
-    out = tmp_path / "tokens"
-    assert tokenize(corpus / "a.txt", corpus / "sub", f"{corpus}/*.jsonl", "--out", out, "--val-docs", 5,
+def test_bpe_files_other_than_gpt2s_are_refused(small_bpe, monkeypatch):
+    monkeypatch.undo()  # the real GPT-2 hashes
+    with pytest.raises(tokenize_text.InputError, match="does not hold GPT-2's own BPE files"):
+        tokenize_text.gpt2_encoding(small_bpe["dir"])
+    (small_bpe["dir"] / "encoder.json").unlink()
+    with pytest.raises(tokenize_text.InputError, match="has no encoder.json"):
+        tokenize_text.gpt2_encoding(small_bpe["dir"])
+
+
+def test_tokenize_splits_by_document_into_bounded_shards(corpus, small_bpe, tmp_path):
+    out, bpe_dir = tmp_path / "tokens", small_bpe["dir"]
+    assert tokenize(bpe_dir, corpus / "a.txt", corpus / "sub", f"{corpus}/*.jsonl", "--out", out, "--val-docs", 5,
                     "--shard-tokens", 200) == 0
-    val, val_sizes = split_documents(out, "val")
-    train, train_sizes = split_documents(out, "train")
+    val, val_sizes = split_documents(out, "val", bpe_dir)
+    train, train_sizes = split_documents(out, "train", bpe_dir)
     assert len(val) == 5 and not set(val) & set(train)
     assert sorted(val + train) == sorted(DOCS)
     for sizes in (val_sizes, train_sizes):
@@ -254,17 +295,19 @@ def test_tokenize_splits_by_document_into_bounded_shards(corpus, tmp_path):
     assert (out / "text_val_000000.bin").exists() and (out / "text_train_000001.bin").exists()
 
 
-def test_tokenize_val_choice_follows_the_seed(corpus, tmp_path):
+def test_tokenize_val_choice_follows_the_seed(corpus, small_bpe, tmp_path):
+    bpe_dir = small_bpe["dir"]
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
-        assert tokenize(corpus, "--out", tmp_path / name, "--seed", seed, "--val-fraction", 0.1) == 0
-    assert len(split_documents(tmp_path / "a", "val")[0]) == 5  # 10% of 42 documents, rounded up
+        assert tokenize(bpe_dir, corpus, "--out", tmp_path / name, "--seed", seed, "--val-fraction", 0.1) == 0
+    val = {name: split_documents(tmp_path / name, "val", bpe_dir)[0] for name in "ac"}
+    assert len(val["a"]) == 5  # 10% of 42 documents, rounded up
     val_a, val_b = (tmp_path / name / "text_val_000000.bin" for name in "ab")
     assert val_a.read_bytes() == val_b.read_bytes()
-    assert split_documents(tmp_path / "a", "val")[0] != split_documents(tmp_path / "c", "val")[0]
+    assert val["a"] != val["c"]
 
 
 @pytest.mark.parametrize("case", ["no text field", "no such input", "shards already there", "all val"])
-def test_tokenize_input_errors_are_named(corpus, tmp_path, capsys, case):
+def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, case):
     out = tmp_path / "tokens"
     args, message = {
         "no text field": ([corpus / "docs.jsonl", "--text-field", "body"], "docs.jsonl:1 has no string field 'body'"),
@@ -275,7 +318,7 @@ def test_tokenize_input_errors_are_named(corpus, tmp_path, capsys, case):
     if case == "shards already there":
         out.mkdir()
         write_shard(out / "text_train_000001.bin", [EOT])
-    assert tokenize(*args, "--out", out) == 1
+    assert tokenize(small_bpe["dir"], *args, "--out", out) == 1
     assert message in capsys.readouterr().err
 
 
