@@ -58,6 +58,7 @@ class Run:
     code_sha: str | None
     config: dict | None
     gpus: int | None
+    device: str | None
     num_iterations: int | None
     last_step: int
     train_time_ms: float
@@ -75,12 +76,17 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return (bool(self.val) and self.val[-1].step == self.num_iterations and self.peak_mib is not None
-                and not self.partial)
+        # a GPU run's last line is its peak memory; a CPU run has none, so its final validation ends it
+        ended = self.peak_mib is not None or self.device == "cpu"
+        return bool(self.val) and self.val[-1].step == self.num_iterations and ended and not self.partial
 
     @property
     def status(self) -> str:
         return "partial" if self.partial else "complete" if self.complete else "incomplete"
+
+    @property
+    def has_experts(self) -> bool:
+        return bool((self.config or {}).get("num_experts"))
 
     @property
     def final_loss(self) -> float | None:
@@ -173,6 +179,7 @@ def parse_log(path: Path) -> Run:
         code_sha=info.get("code_sha") or (hashlib.sha256(source.encode()).hexdigest()[:12] if source else None),
         config=config,
         gpus=info.get("world_size") or len(smi_gpus) or None,
+        device=info.get("device"),
         num_iterations=(config or {}).get("num_iterations") or total_steps,
         last_step=last_step or 0,
         train_time_ms=train_time_ms,
@@ -273,6 +280,9 @@ def final_gate_min(run: Run) -> str:
     return f"{min(values):.3f}" if values else "-"
 
 
+MOE_COLUMNS = ("experts", "top_k", "router", "load max/min", "gate min")
+
+
 def summary_table(runs: list[Run], markdown: bool) -> str:
     header = ["run", "date", "code", "experts", "top_k", "router", "gpus", "tokens/step", "steps", "val loss",
               "train time [s]", "step avg [ms]", "tok/s/gpu", "peak mem [MiB]", "load max/min", "gate min", "status"]
@@ -287,8 +297,8 @@ def summary_table(runs: list[Run], markdown: bool) -> str:
             run.date[:16].replace("T", " ") if run.date else "-",
             run.code_sha or "-",
             fmt(config.get("num_experts")),
-            fmt(config.get("top_k")),
-            fmt(config.get("router")),
+            fmt(config.get("top_k")) if run.has_experts else "-",  # a dense run has no router: its top_k means nothing
+            fmt(config.get("router")) if run.has_experts else "-",
             fmt(run.gpus),
             fmt(run.tokens_per_step, ","),
             f"{run.last_step}/{fmt(run.num_iterations)}",
@@ -301,6 +311,9 @@ def summary_table(runs: list[Run], markdown: bool) -> str:
             final_gate_min(run),
             run.status,
         ])
+    if not any(run.has_experts for run in runs):
+        keep = [i for i, name in enumerate(header) if name not in MOE_COLUMNS]
+        header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
     return render(header, rows, markdown)
 
 
@@ -443,43 +456,66 @@ def file_name(run_id: str) -> str:
     return re.sub(r"[^\w.-]", "_", run_id)
 
 
+def draw_val_loss(ax, runs: list[Run], axis: str, target: float | None) -> None:
+    # val loss of runs with a val line against axis "time" (train time, s) or "step", on a log scale
+    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+
+    label = "train time [s]" if axis == "time" else "step"
+    # a run stopped for a non-finite val loss logged it: NaN and inf have no place on the axes
+    finite = [[point for point in run.val if math.isfinite(point.loss)] for run in runs]
+    # the view starts at the first validation after step 0, so the differences that decide a record stay visible
+    later = [point.loss for points in finite for point in points[1:]]
+    top = max((points[1].loss for points in finite if len(points) > 1), default=None)
+    curves = []
+    for run, points in zip(runs, finite):
+        xs = [point.time_ms / 1000 if axis == "time" else point.step for point in points]
+        line, = ax.plot(xs, [point.loss for point in points], marker=".", linewidth=1.2,
+                        label=run.run_id if run.complete else f"{run.run_id} ({run.status})")
+        curves.append((xs, points, line.get_color()))
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target}")
+    ax.set_yscale("log")
+    if top is not None:
+        ax.set_ylim(min(later + ([target] if target is not None else [])) * 0.995, top * 1.02)
+    low, high = ax.get_ylim()
+    marked = False
+    for xs, points, color in curves:  # a point beyond the view sits on its edge as an arrow, its value beside it
+        for x, point in zip(xs, points):
+            if low <= point.loss <= high:
+                continue
+            above = point.loss > high
+            ax.plot(x, high if above else low, marker="^" if above else "v", color=color, clip_on=False,
+                    linestyle="none", label=None if marked else "beyond the view (value written)")
+            ax.annotate(f"{point.loss:.2f}", (x, high if above else low), textcoords="offset points",
+                        xytext=(6, -12 if above else 4), fontsize="x-small", color=color)
+            marked = True
+    # plain numbers at even spacing: a narrow loss range holds no power of ten to label
+    ax.yaxis.set_major_locator(MaxNLocator(10))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
+    if axis == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
+    ax.set_ylabel("val loss (log scale)")
+    ax.set_title(f"Validation loss against {label.split(' [')[0]}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import MaxNLocator
 
     plotted = [run for run in runs if run.val]
     if not plotted:
         raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # a run stopped for a non-finite val loss logged it: NaN and inf have no place on the axes
-    finite = {run.path: [point for point in run.val if math.isfinite(point.loss)] for run in plotted}
-    # the view starts at the first validation after step 0, so the differences that decide a record stay visible
-    later = [point.loss for run in plotted for point in finite[run.path][1:]]
-    top = max((finite[run.path][1].loss for run in plotted if len(finite[run.path]) > 1), default=None)
     written = []
-    for axis, label, name in (("time", "train time [s]", "val_loss_vs_time.png"),
-                              ("step", "step", "val_loss_vs_step.png")):
+    for axis, name in (("time", "val_loss_vs_time.png"), ("step", "val_loss_vs_step.png")):
         fig, ax = plt.subplots(figsize=(9, 5.5))
-        for run in plotted:
-            xs = [point.time_ms / 1000 if axis == "time" else point.step for point in finite[run.path]]
-            ax.plot(xs, [point.loss for point in finite[run.path]], marker=".", linewidth=1.2,
-                    label=run.run_id if run.complete else f"{run.run_id} ({run.status})")
-        if target is not None:
-            ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target}")
-        ax.set_yscale("log")
-        if top is not None:
-            ax.set_ylim(min(later + ([target] if target is not None else [])) * 0.995, top * 1.02)
-        # plain numbers at even spacing: a narrow loss range holds no power of ten to label
-        ax.yaxis.set_major_locator(MaxNLocator(10))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel(label)
-        ax.set_ylabel("val loss (log scale)")
-        ax.set_title(f"Validation loss against {label.split(' [')[0]}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        draw_val_loss(ax, plotted, axis, target)
         fig.tight_layout()
         written.append(out_dir / name)
         fig.savefig(written[-1], dpi=110)
@@ -503,6 +539,7 @@ def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path
             ax.set_ylabel(f"{what} expert: tokens / mean")
             ax.grid(True, alpha=0.3)
         idlest.set_ylim(0, 1.05)
+        idlest.xaxis.set_major_locator(MaxNLocator(integer=True))
         idlest.set_xlabel("step")
         busiest.set_title(f"{run.run_id}: expert load per layer (1 = perfect balance)")
         busiest.legend(fontsize="small", ncol=max(1, len(layers) // 6))

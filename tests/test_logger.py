@@ -22,11 +22,11 @@ BAR = "=" * 100
 
 
 def write_log(path: Path, val: list[tuple[int, float, float]], num_iterations: int, config: dict | None = None,
-              complete: bool = True) -> Path:
-    # a log in train_gpt.py's format; val holds (step, train_time_ms, val_loss)
+              complete: bool = True, device: str = "cpu") -> Path:
+    # a log in train_gpt.py's format; val holds (step, train_time_ms, val_loss); complete adds the peak memory line
     config = {"num_iterations": num_iterations, "train_batch_tokens": 49152, "num_experts": 0, "top_k": 2,
               "router": "softmax", "seed": 0, **(config or {})}
-    run = {"run_id": path.stem, "date": "2026-11-22T08:15:02", "world_size": 1, "device": "cpu",
+    run = {"run_id": path.stem, "date": "2026-11-22T08:15:02", "world_size": 1, "device": device,
            "code_sha": "0123456789ab"}
     lines = ["print('source')", BAR, "Running Python 3.11.7", "Running PyTorch 2.13.0+cpu compiled for CUDA None",
              "nvidia-smi: not available", BAR, f"run: {json.dumps(run)}", f"config: {json.dumps(config)}"]
@@ -111,9 +111,17 @@ def test_a_run_that_died_mid_line_is_read_up_to_its_last_whole_line():
     assert (run.last_step, run.train_time_ms, run.final_loss) == (250, 27625, 4.3112)
 
 
-def test_a_run_without_the_peak_memory_line_is_incomplete(tmp_path):
-    run = logger.parse_log(write_log(tmp_path / "r.txt", [(0, 0, 10.8), (800, 9e4, 3.3)], 800, complete=False))
+def test_a_gpu_run_without_the_peak_memory_line_is_incomplete(tmp_path):
+    run = logger.parse_log(write_log(tmp_path / "r.txt", [(0, 0, 10.8), (800, 9e4, 3.3)], 800, complete=False,
+                                     device="NVIDIA H100 80GB HBM3"))
     assert run.val[-1].step == run.num_iterations and not run.complete
+
+
+def test_a_cpu_run_ends_at_its_final_validation(tmp_path):
+    # the trainer writes no peak memory line on the CPU
+    done = logger.parse_log(write_log(tmp_path / "a.txt", [(0, 0, 10.8), (800, 9e4, 3.3)], 800, complete=False))
+    died = logger.parse_log(write_log(tmp_path / "b.txt", [(0, 0, 10.8), (400, 4e4, 3.9)], 800, complete=False))
+    assert done.complete and not died.complete
 
 
 def test_plain_modded_nanogpt_log():
@@ -158,6 +166,20 @@ def test_summary_has_one_row_per_run_with_the_key_figures(capsys):
     assert died["gate min"] == "-", "logs from before gate_min have none"
     modded = dict(zip(columns, table_row(md, "modded_nanogpt")))
     assert [modded[c] for c in ("tokens/step", "experts", "gpus", "date")] == ["-", "-", "8", "2024-11-16 01:23"]
+
+
+def test_summary_of_dense_runs_has_no_expert_columns(tmp_path, capsys):
+    dense = write_log(tmp_path / "dense.txt", [(0, 0, 10.8), (10, 900, 6.0)], 10)
+    moe = write_log(tmp_path / "moe.txt", [(0, 0, 10.8), (10, 900, 5.9)], 10, {"num_experts": 8, "top_k": 1})
+    _, md, _ = run_cli(capsys, "summary", "--md", dense)
+    assert md.splitlines()[0].strip("| ").split(" | ") == [
+        "run", "date", "code", "gpus", "tokens/step", "steps", "val loss", "train time [s]", "step avg [ms]",
+        "tok/s/gpu", "peak mem [MiB]", "status"]
+    _, md, _ = run_cli(capsys, "summary", "--md", dense, moe)
+    columns = md.splitlines()[0].strip("| ").split(" | ")
+    rows = {name: dict(zip(columns, table_row(md, name))) for name in ("dense", "moe")}
+    assert [rows["dense"][c] for c in ("experts", "top_k", "router")] == ["0", "-", "-"]
+    assert [rows["moe"][c] for c in ("experts", "top_k", "router")] == ["8", "1", "softmax"]
 
 
 # -----------------------------------------------------------------------------
@@ -256,6 +278,24 @@ def test_plots_are_valid_pngs(tmp_path, capsys):
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 400 and width > 600
         assert str(path) in out
+
+
+def test_points_beyond_the_view_are_marked_and_steps_are_whole(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [logger.parse_log(write_log(tmp_path / "r.txt", [(0, 0, 10.83), (5, 500, 6.1), (10, 1000, 5.2)], 10))]
+    fig, ax = plt.subplots()
+    logger.draw_val_loss(ax, runs, "step", None)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    assert low < 5.2 and 6.1 < high < 10.83, "the view starts after step 0"
+    arrows = [line for line in ax.get_lines() if line.get_marker() == "^"]
+    assert [(list(a.get_xdata()), list(a.get_ydata())) for a in arrows] == [([0], [high])]
+    assert [text.get_text() for text in ax.texts] == ["10.83"]
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 10]
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
