@@ -1,5 +1,6 @@
 import os
 import sys
+import argparse
 import json
 import math
 import time
@@ -1218,18 +1219,29 @@ def system_report() -> str:
     return "\n".join(lines)
 
 class Log:
-    # rank 0 appends every line to logs/<run id>.txt (opened per line, so nothing is lost when the run dies)
+    # rank 0's lines go to logs/<run id>.txt, which start() creates once the start-up checks have passed (a refused
+    # run leaves no log); the lines before it wait in memory, those after are appended one by one (nothing is lost
+    # when the run dies)
     def __init__(self, path: Path | None):
-        self.path = path
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.pending = path, []
+
+    def start(self):
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.writelines(self.pending)
+        self.pending = None
+        print(f"logging to {self.path}")
 
     def __call__(self, msg: str, console: bool = True, file: bool = True):
         if self.path is None:
             return
         if console:
             print(msg, flush=True)
-        if file:
+        if file and self.pending is not None:
+            self.pending.append(msg + "\n")
+        elif file:
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
 
@@ -1292,7 +1304,7 @@ def load_checkpoint(args: Hyperparameters) -> dict:
                           f"lower PROFILE_STEPS")
     return ckpt
 
-def main(env: dict | None = None):
+def main(env: dict | None = None, check_only: bool = False):
     args = load_config(dict(os.environ) if env is None else env)
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
@@ -1317,6 +1329,8 @@ def main(env: dict | None = None):
                              loader["file_idx"], loader["pos"])
               + shards_to_read(val_files, val_batch, args.val_tokens // val_batch)):
         check_vocab(f, args.vocab_size)
+    if check_only:
+        return None
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -1342,8 +1356,6 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
                     code_sha=hashlib.sha256(CODE.encode()).hexdigest()[:12])
     log(f"run: {json.dumps(run_info)}")
     log(f"config: {json.dumps(asdict(args))}")
-    if master and log.path:
-        print(f"logging to {log.path}")
 
     torch.manual_seed(args.seed)
     model = GPT(args).to(device)
@@ -1385,6 +1397,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         carried_ms = ckpt.get("train_ms", 0.0)
         log(f"resumed from {args.resume} at step {start_step}"
             + (f" train_time:{carried_ms:.0f}ms" if "train_ms" in ckpt else ""))
+    log.start()
 
     window_cache: dict[int, Tensor] = {}
 
@@ -1560,16 +1573,19 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         log(f"{line} eta:{eta:.0f}s", file=False)
     if args.save_checkpoint:
         save(args.num_iterations, train_ms)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the CPU has no allocator statistics to report
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2 ** 20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved(device) // 2 ** 20} MiB")
-    else:
-        log("peak memory allocated: 0 MiB reserved: 0 MiB")
     return dict(val_loss=val_loss, train_ms=train_ms, log=str(log.path) if log.path else None, run_id=run_id)
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Train the GPT of the NanoGPT speedrun, dense or MoE. Every setting "
+                                     "comes from the environment (README, Knobs); run it with torchrun or run.sh.")
+    parser.add_argument("--check", action="store_true",
+                        help="check the settings and the shards, as the start of a run does, then exit (0: all good)")
+    cli = parser.parse_args()
     try:
-        main()
+        main(check_only=cli.check)
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
