@@ -14,7 +14,9 @@ from conftest import tiny_env
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "run.sh"
 SETTINGS = {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
-LAUNCHER = {"NPROC", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "FETCH_DATA", "FETCH_SHARDS", "CUDA_VISIBLE_DEVICES"}
+LAUNCHER = {"NPROC", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "FETCH_DATA", "FETCH_SHARDS", "BPE_DIR", "CUDA_VISIBLE_DEVICES"}
+# the tiny model with batches that divide over 1, 2, 3, 4, 8 and 16 GPUs, so that run.sh's check lets them through
+ANY_GPUS = dict(TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="6144", VAL_SEQ_LEN="128", VAL_TOKENS="6144")
 # a stand-in for torchrun that records how it was called instead of training
 RECORDER = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$CALLS/$(basename "$0").args"
@@ -32,8 +34,9 @@ def launch(settings: dict, cwd: Path, script: Path = RUN_SH, stubs: Path | None 
 
 
 @pytest.fixture
-def recorder(tmp_path):
-    # torchrun records its arguments and environment into calls/; nvidia-smi lists 4 GPUs
+def recorder(tmp_path, shared_shards):
+    # torchrun records its arguments and environment into calls/; nvidia-smi lists 4 GPUs; the settings are the tiny
+    # ones on real shards
     stubs, calls = tmp_path / "stubs", tmp_path / "calls"
     stubs.mkdir()
     calls.mkdir()
@@ -42,7 +45,7 @@ def recorder(tmp_path):
                                       "(UUID: GPU-$i)\"; done\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    return dict(stubs=stubs, calls=calls, env=dict(CALLS=str(calls), TRAIN_FILES="t_*.bin", VAL_FILES="v_*.bin"))
+    return dict(stubs=stubs, calls=calls, env=tiny_env(shared_shards, tmp_path, **ANY_GPUS) | dict(CALLS=str(calls)))
 
 
 def torchrun_args(recorder) -> list[str]:
@@ -56,8 +59,14 @@ def torchrun_args(recorder) -> list[str]:
 def test_help_exits_0_and_names_the_launcher_variables(tmp_path):
     r = subprocess.run([str(RUN_SH), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.startswith("Usage:")
-    for name in ("NPROC", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "FETCH_DATA", "FETCH_SHARDS"):
+    for name in LAUNCHER - {"CUDA_VISIBLE_DEVICES"}:
         assert name in r.stdout
+
+
+def test_trainer_help_names_the_check(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "--check" in r.stdout and not (tmp_path / "logs").exists()
 
 
 def test_an_argument_is_refused(tmp_path):
@@ -77,21 +86,42 @@ def test_one_process_per_gpu_standalone(recorder, tmp_path, settings, nproc):
     assert torchrun_args(recorder) == ["--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt.py")]
 
 
-def test_no_gpu_means_one_process(recorder, tmp_path):
+def recorded_env(recorder) -> dict:
+    return dict(line.split("=", 1) for line in (recorder["calls"] / "torchrun.env").read_text().splitlines()
+                if "=" in line)
+
+
+def no_gpu(recorder):
     (recorder["stubs"] / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+
+
+def test_no_gpu_means_one_process(recorder, tmp_path):
+    no_gpu(recorder)
     r = launch(recorder["env"], tmp_path, stubs=recorder["stubs"])
     assert r.returncode == 0, r.stderr
     assert "--nproc_per_node=1" in torchrun_args(recorder)
+    assert r.stdout.startswith("run.sh: no GPU on this machine: training the tiny CPU configuration")
+
+
+def test_no_gpu_defaults_to_the_tiny_configuration(recorder, tmp_path, shared_shards):
+    no_gpu(recorder)
+    given = dict(TRAIN_FILES=str(shared_shards / "syn_train_*.bin"), VAL_FILES=str(shared_shards / "syn_val_*.bin"),
+                 NUM_ITERATIONS="3", CALLS=recorder["env"]["CALLS"])
+    r = launch(given, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    env = recorded_env(recorder)
+    expected = tiny_env(shared_shards, tmp_path) | dict(NUM_ITERATIONS="3")  # what the caller sets wins
+    names = SETTINGS - {"LOG_DIR", "CHECKPOINT_DIR", "RUN_ID"}
+    assert {k: v for k, v in env.items() if k in names} == {k: v for k, v in expected.items() if k in names}
 
 
 def test_settings_reach_the_trainer_and_launcher_variables_do_not(recorder, tmp_path):
     settings = dict(NUM_EXPERTS="8", TOP_K="2", NPROC="2", NNODES="1", RDZV_ID="x", FETCH_SHARDS="3")
     r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
     assert r.returncode == 0, r.stderr
-    env = dict(line.split("=", 1) for line in (recorder["calls"] / "torchrun.env").read_text().splitlines()
-               if "=" in line)
+    env = recorded_env(recorder)
     assert env["NUM_EXPERTS"] == "8" and env["TOP_K"] == "2"
-    assert not {"NPROC", "NNODES", "RDZV_ID", "FETCH_SHARDS"} & env.keys()
+    assert not LAUNCHER & env.keys()
     train_gpt.load_config(env)  # nothing left in it looks like a misspelt setting
 
 
@@ -109,45 +139,88 @@ def test_several_nodes_without_endpoint_is_one_clear_error(recorder, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "RDZV_ENDPOINT" in r.stderr
 
 
+@pytest.mark.parametrize("case", ["setting", "batch over the GPUs", "shard"])
+def test_a_refusal_is_one_error_line_before_torchrun(recorder, tmp_path, case):
+    settings, message = {
+        "setting": (dict(NUM_EXPERTS="4", TOP_K="5"), "error: TOP_K=5 must be between 1 and NUM_EXPERTS=4"),
+        "batch over the GPUs": (dict(NPROC="5"), "error: TRAIN_BATCH_TOKENS=6144 must be a multiple of TRAIN_SEQ_LEN"),
+        "shard": (dict(VAL_FILES=str(tmp_path / "bad.bin")), "bad.bin: bad magic number"),
+    }[case]
+    (tmp_path / "bad.bin").write_bytes(bytes(2048))
+    r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 2 and not (recorder["calls"] / "torchrun.args").exists()
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 # -----------------------------------------------------------------------------
 # The FineWeb check
 
 
+# a stand-in for a data script: records its arguments, then writes two small valid shards where run.sh looks
+MAKE_SHARDS = """import os, sys
+from pathlib import Path
+import numpy as np
+Path(os.environ['CALLS'], '{name}.args').write_text(' '.join(sys.argv[1:]))
+out = Path(__file__).parent / '{folder}'
+out.mkdir()
+for name, count in (('{prefix}_val_000000.bin', 8000), ('{prefix}_train_000001.bin', 8000)):
+    header = np.zeros(256, dtype='<i4')
+    header[:3] = 20240520, 1, count
+    (out / name).write_bytes(header.tobytes() + np.arange(count, dtype='<u2').tobytes())
+"""
+
+
 @pytest.fixture
 def bare_repo(tmp_path, recorder):
-    # run.sh in a repo without FineWeb shards, whose downloader records its arguments
+    # run.sh in a repo without shards, whose downloader and tokenizer record their arguments
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     shutil.copy(RUN_SH, repo)
     shutil.copy(ROOT / "train_gpt.py", repo)
     (repo / "data" / "cached_fineweb10B.py").write_text(
-        "import os, sys\nfrom pathlib import Path\n"
-        "Path(os.environ['CALLS'], 'download.args').write_text(' '.join(sys.argv[1:]))\n"
-        "out = Path(__file__).parent / 'fineweb10B'\nout.mkdir()\n"
-        "for name in ('fineweb_val_000000.bin', 'fineweb_train_000001.bin'):\n    (out / name).write_bytes(b'')\n")
+        MAKE_SHARDS.format(name="download", folder="fineweb10B", prefix="fineweb"))
+    (repo / "data" / "tokenize_text.py").write_text(MAKE_SHARDS.format(name="tokenize", folder="tokens", prefix="tiny"))
     env = {k: v for k, v in recorder["env"].items() if k not in ("TRAIN_FILES", "VAL_FILES")}
     return dict(repo=repo, env=env, cwd=tmp_path)
 
 
-def test_missing_fineweb_says_how_to_get_it(bare_repo, recorder):
-    r = launch(bare_repo["env"], bare_repo["cwd"], script=bare_repo["repo"] / "run.sh", stubs=recorder["stubs"])
+def test_fetch_data_0_refuses_to_download_and_says_how(bare_repo, recorder):
+    r = launch(bare_repo["env"] | dict(FETCH_DATA="0"), bare_repo["cwd"], script=bare_repo["repo"] / "run.sh",
+               stubs=recorder["stubs"])
     assert r.returncode == 1 and not (recorder["calls"] / "torchrun.args").exists()
+    assert not (recorder["calls"] / "download.args").exists()
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "python data/cached_fineweb10B.py 8" in r.stderr and "FETCH_DATA=1" in r.stderr
+    assert "python3 data/cached_fineweb10B.py 8" in r.stderr and "TRAIN_FILES" in r.stderr
 
 
 def test_fineweb_check_looks_for_the_trainers_default_globs():
-    checked = re.findall(r'have_default "([^"]+)"', RUN_SH.read_text())
+    checked = re.findall(r'have_shards "(data/fineweb[^"]+)"', RUN_SH.read_text())
     defaults = train_gpt.Hyperparameters()
     assert checked == [defaults.train_files, defaults.val_files]
 
 
-def test_fetch_data_downloads_then_launches(bare_repo, recorder):
-    r = launch(bare_repo["env"] | dict(FETCH_DATA="1", FETCH_SHARDS="3"), bare_repo["cwd"],
-               script=bare_repo["repo"] / "run.sh", stubs=recorder["stubs"])
+@pytest.mark.parametrize("settings, shards", [({}, "8"), (dict(FETCH_SHARDS="3"), "3")])
+def test_missing_fineweb_is_downloaded_then_trained_on(bare_repo, recorder, settings, shards):
+    r = launch(bare_repo["env"] | settings, bare_repo["cwd"], script=bare_repo["repo"] / "run.sh",
+               stubs=recorder["stubs"])
     assert r.returncode == 0, r.stderr
-    assert (recorder["calls"] / "download.args").read_text() == "3"
+    assert (recorder["calls"] / "download.args").read_text() == shards
     assert torchrun_args(recorder)[-1] == str(bare_repo["repo"] / "train_gpt.py")
+    assert "TRAIN_FILES" not in recorded_env(recorder)  # the trainer's default: the shards just fetched
+
+
+def test_no_gpu_makes_the_tiny_shards_from_the_records(bare_repo, recorder, tmp_path):
+    no_gpu(recorder)
+    r = launch(bare_repo["env"] | dict(BPE_DIR="/gpt2"), bare_repo["cwd"], script=bare_repo["repo"] / "run.sh",
+               stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    repo = bare_repo["repo"]
+    assert (recorder["calls"] / "tokenize.args").read_text() == \
+        f"{repo}/records --prefix tiny --val-docs 1 --out {repo}/data/tokens --bpe-dir /gpt2"
+    env = recorded_env(recorder)
+    assert (env["TRAIN_FILES"], env["VAL_FILES"]) == ("data/tokens/tiny_train_*.bin", "data/tokens/tiny_val_*.bin")
+    assert "BPE_DIR" not in env
 
 
 # -----------------------------------------------------------------------------
