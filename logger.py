@@ -566,13 +566,22 @@ def record_description(readme: Path) -> str:
     return next((line for line in lines[title_at + 1:] if line and not line.startswith("#")), title)
 
 
+def model_name(run: Run) -> str:
+    config = run.config or {}  # a plain modded-nanogpt log has no config: the dense model
+    if not config.get("num_experts"):
+        return "dense"
+    shared = f" + {config['shared_experts']} shared" if config.get("shared_experts") else ""
+    return f"MoE E{config['num_experts']} top-{config.get('top_k')}{shared}"
+
+
 def records_tables(records_dir: Path, link_base: Path) -> str:
     if not records_dir.is_dir():
         raise LogError(f"records folder {records_dir} does not exist; pass --dir with the folder holding the tracks")
-    header = ["#", "time", "loss", "description", "date", "record"]
-    parts = []
+    header = ["track", "hardware", "model", "time", "val loss", "description", "date", "record"]
+    rows = []
     for track in sorted(path for path in records_dir.iterdir() if path.is_dir()):
-        rows = []
+        # track names start with the hardware, e.g. 8xH100_FineWeb (records/README.md)
+        hardware = track.name.split("_")[0] if re.match(r"^\d+x", track.name) else "-"
         for folder in sorted(path for path in track.iterdir() if path.is_dir()):
             match = RECORD_FOLDER.match(folder.name)
             if match is None:
@@ -591,13 +600,12 @@ def records_tables(records_dir: Path, link_base: Path) -> str:
             time_min = statistics.mean(run.train_time_ms for run in complete) / 60000 if complete else None
             loss = statistics.mean(run.final_loss for run in complete) if complete else None
             link = Path(os.path.relpath(folder, link_base)).as_posix() + "/"
-            rows.append([str(len(rows) + 1), f"{time_min:.3f} min" if complete else "-", fmt(loss, ".4f"),
-                         record_description(readme), match[1], f"[{match[2]}]({link})"])
-        if rows:
-            parts.append(f"### {track.name}\n\n{render(header, rows, markdown=True)}")
-    if not parts:
+            rows.append([track.name.removeprefix(f"{hardware}_"), hardware, model_name((complete or runs)[0]),
+                         f"{time_min:.3f} min" if complete else "-", fmt(loss, ".4f"), record_description(readme),
+                         match[1], f"[{match[2]}]({link})"])
+    if not rows:
         raise LogError(f"{records_dir} holds no record folders (<track>/YYYY-MM-DD_ShortName/); add one first")
-    return "\n\n".join(parts)
+    return render(header, rows, markdown=True)
 
 
 def write_between_markers(path: Path, content: str) -> None:
@@ -659,9 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--target", type=float, metavar="LOSS", help="draw the target val loss as a dashed line")
 
     records = commands.add_parser(
-        "records", help="markdown records table per track, printed or written into the README",
-        description="Scan DIR/<track>/YYYY-MM-DD_ShortName/ and print a markdown table per track (mean train time "
-                    "and mean final val loss of the record's complete logs, description from its README, date, link).")
+        "records", help="markdown records table, printed or written into the README",
+        description="Scan DIR/<track>/YYYY-MM-DD_ShortName/ and print one markdown table of the records: track, "
+                    "hardware (the track name's first part), dense or MoE, mean train time and mean final val loss "
+                    "of the record's complete logs, description from its README, date, link.")
     records.add_argument("--dir", type=Path, default=Path("records"), help="the records folder (default: records)")
     records.add_argument("--write", type=Path, metavar="README",
                          help=f"replace the text between '{RECORDS_START}' and '{RECORDS_END}' in README "

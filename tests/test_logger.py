@@ -40,10 +40,12 @@ def write_log(path: Path, val: list[tuple[int, float, float]], num_iterations: i
     return path
 
 
-def write_final_losses(folder: Path, name: str, losses: list[float], time_ms: float = 90000.0) -> list[Path]:
+def write_final_losses(folder: Path, name: str, losses: list[float], time_ms: float = 90000.0,
+                       config: dict | None = None) -> list[Path]:
     # run i takes time_ms + 100 i: real timings vary, and identical ones leave Welch's test undefined
     return [write_log(folder / f"{name}_seed{i}.txt",
-                      [(0, 0, 10.8258), (400, time_ms / 2, 4.2), (800, time_ms + 100 * i, loss)], 800, {"seed": i})
+                      [(0, 0, 10.8258), (400, time_ms / 2, 4.2), (800, time_ms + 100 * i, loss)], 800,
+                      {"seed": i, **(config or {})})
             for i, loss in enumerate(losses)]
 
 
@@ -311,7 +313,7 @@ def make_records(root: Path) -> Path:
     shutil.copy(FIXTURES / "modded_nanogpt.txt", baseline)
     (baseline / "README.md").write_text("# Baseline\n")
     moe = records / "1xH100_wikiblogs_mini" / "2026-11-22_MoE8Top2"
-    write_final_losses(moe, "run", [4.02, 4.04], time_ms=60000)
+    write_final_losses(moe, "run", [4.02, 4.04], time_ms=60000, config={"num_experts": 8, "top_k": 2})
     shutil.copy(FIXTURES / "moe_e8k2_died.txt", moe)
     (moe / "README.md").write_text(RECORD_README)
     (moe / "statistics.md").write_text("made by logger.py compare --md\n")
@@ -325,19 +327,19 @@ def test_records_table_is_written_between_the_markers(tmp_path, capsys):
     code, _, err = run_cli(capsys, "records", "--dir", records, "--write", readme)
     assert code == 0 and "moe_e8k2_died.txt is an incomplete run" in err
     text = readme.read_text()
-    assert text.startswith(f"# Project\n\n## Records\n{logger.RECORDS_START}\n### 1xH100_wikiblogs_mini\n")
+    assert text.startswith(f"# Project\n\n## Records\n{logger.RECORDS_START}\n| track | hardware | model | time |")
     assert text.endswith(f"\n{logger.RECORDS_END}\n\n## Tests\n") and "stale" not in text
     # the died run is left out of the means: 1.001 min is the mean of the two complete runs, 60.0 s and 60.1 s
-    assert table_row(text, "Swap the MLP for 8 experts, top-2.", column=3) == [
-        "1", "1.001 min", "4.0300", "Swap the MLP for 8 experts, top-2.", "2026-11-22",
-        "[MoE8Top2](records/1xH100_wikiblogs_mini/2026-11-22_MoE8Top2/)"]
-    assert table_row(text, "Baseline", column=3) == [
-        "1", f"{203512 / 60000:.3f} min", "3.2784", "Baseline", "2024-11-16",
+    assert table_row(text, "Swap the MLP for 8 experts, top-2.", column=5) == [
+        "wikiblogs_mini", "1xH100", "MoE E8 top-2", "1.001 min", "4.0300", "Swap the MLP for 8 experts, top-2.",
+        "2026-11-22", "[MoE8Top2](records/1xH100_wikiblogs_mini/2026-11-22_MoE8Top2/)"]
+    assert table_row(text, "Baseline", column=5) == [
+        "FineWeb", "8xH100", "dense", f"{203512 / 60000:.3f} min", "3.2784", "Baseline", "2024-11-16",
         "[Baseline](records/8xH100_FineWeb/2024-11-16_Baseline/)"]
     assert run_cli(capsys, "records", "--dir", records, "--write", readme)[0] == 0
     assert readme.read_text() == text, "regenerating is idempotent"
     code, out, _ = run_cli(capsys, "records", "--dir", records)
-    assert out.strip() == text[text.index("###"):text.index(logger.RECORDS_END)].strip()
+    assert out.strip() == text[text.index("| track"):text.index(logger.RECORDS_END)].strip()
 
 
 BASELINE = Path("8xH100_FineWeb") / "2024-11-16_Baseline"
