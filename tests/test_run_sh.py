@@ -227,6 +227,17 @@ def test_no_gpu_makes_the_tiny_shards_from_the_records(bare_repo, recorder, tmp_
 # A real run
 
 
+def line_kinds(lines: list[str]) -> set[str]:
+    # what each log line is: a validation or a train step line, else the word before its first colon
+    kinds = set()
+    for line in lines:
+        if line.startswith("step:"):
+            kinds.add("val" if " val_loss:" in line else "train")
+        elif line.strip() != "...":
+            kinds.add(line.split(":")[0])
+    return kinds
+
+
 def test_tiny_run_from_another_directory(shared_shards, tmp_path):
     # the real torchrun, one CPU process over gloo, started from outside the repo
     settings = tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=2, VAL_LOSS_EVERY=0, VAL_TOKENS=1024)
@@ -236,3 +247,8 @@ def test_tiny_run_from_another_directory(shared_shards, tmp_path):
     assert log.startswith((ROOT / "train_gpt.py").read_text())
     assert '"world_size": 1' in log
     assert re.search(r"^step:2/2 val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$", log, flags=re.M)
+    # the README's sample log shows the kinds of line a CPU run writes, no more and no fewer
+    body = log.split("=" * 100 + "\n")[2].splitlines()
+    sample = re.search(r"```text\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)[1].splitlines()
+    assert line_kinds(sample) == line_kinds(body) == {"run", "config", "params", "val", "train"}
+    assert [line.split(":")[0] for line in sample[:3]] == [line.split(":")[0] for line in body[:3]]
