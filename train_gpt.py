@@ -1,6 +1,5 @@
 import os
 import sys
-import argparse
 import json
 import math
 import time
@@ -1579,6 +1578,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     return dict(val_loss=val_loss, train_ms=train_ms, log=str(log.path) if log.path else None, run_id=run_id)
 
 if __name__ == "__main__":
+    import argparse  # the command line is only this block's
     parser = argparse.ArgumentParser(description="Train the GPT of the NanoGPT speedrun, dense or MoE. Every setting "
                                      "comes from the environment (README, Knobs); run it with torchrun or run.sh.")
     parser.add_argument("--check", action="store_true",
