@@ -322,20 +322,21 @@ def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, ca
     assert message in capsys.readouterr().err
 
 
-def test_tokenize_reads_files_that_start_with_a_byte_order_mark(tmp_path):
+def test_tokenize_reads_files_that_start_with_a_byte_order_mark(small_bpe, tmp_path):
     # editors write EF BB BF at the start of UTF-8 files; it is not part of the first document's text
     root = tmp_path / "bom"
     root.mkdir()
     (root / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": d}) for d in DOCS[:3]).encode())
     (root / "b.txt").write_bytes(b"\xef\xbb\xbf" + DOCS[3].encode())
     out = tmp_path / "tokens"
-    assert tokenize(root, "--out", out, "--val-docs", 1) == 0
-    val, _ = split_documents(out, "val")
-    train, _ = split_documents(out, "train")
+    bpe_dir = small_bpe["dir"]
+    assert tokenize(bpe_dir, root, "--out", out, "--val-docs", 1) == 0
+    val, _ = split_documents(out, "val", bpe_dir)
+    train, _ = split_documents(out, "train", bpe_dir)
     assert sorted(val + train) == sorted(DOCS[:4])
 
 
-def test_tokenize_skips_blank_documents_everywhere(tmp_path, capsys):
+def test_tokenize_skips_blank_documents_everywhere(small_bpe, tmp_path, capsys):
     # whitespace-only texts (a no-break space, a tab) and a line holding only a no-break space are no documents:
     # counted nowhere, so --val-docs 1 gives exactly one val document
     root = tmp_path / "blank"
@@ -345,11 +346,12 @@ def test_tokenize_skips_blank_documents_everywhere(tmp_path, capsys):
     (root / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (root / "b.txt").write_text("\u3000\n", encoding="utf-8")  # an ideographic space
     out = tmp_path / "tokens"
-    assert tokenize(root, "--out", out, "--val-docs", 1) == 0
-    val, _ = split_documents(out, "val")
-    train, _ = split_documents(out, "train")
+    bpe_dir = small_bpe["dir"]
+    assert tokenize(bpe_dir, root, "--out", out, "--val-docs", 1) == 0
+    val, _ = split_documents(out, "val", bpe_dir)
+    train, _ = split_documents(out, "train", bpe_dir)
     assert len(val) == 1 and sorted(val + train) == sorted([DOCS[0], DOCS[2]])
     assert "val: 1 documents" in capsys.readouterr().out
     # two real documents cannot spare two for validation
-    assert tokenize(root, "--out", tmp_path / "again", "--val-docs", 2) == 1
+    assert tokenize(bpe_dir, root, "--out", tmp_path / "again", "--val-docs", 2) == 1
     assert "2 val documents out of 2 leave none to train on" in capsys.readouterr().err
