@@ -164,7 +164,9 @@ def validate(args: Hyperparameters, world_size: int = 1):
             raise ConfigError(msg)
     for f in fields(args):
         if f.type in (int, float):
-            need(getattr(args, f.name) >= 0, f"{f.name.upper()}={getattr(args, f.name)} must not be negative")
+            value = getattr(args, f.name)
+            need(math.isfinite(value), f"{f.name.upper()}={value} must be a finite number")
+            need(value >= 0, f"{f.name.upper()}={value} must not be negative")
     need(args.num_iterations >= 1, "NUM_ITERATIONS must be at least 1")
     need(args.train_seq_len % 128 == 0 and args.train_seq_len > 0,
          f"TRAIN_SEQ_LEN={args.train_seq_len} must be a positive multiple of 128 (the attention block size)")
@@ -205,11 +207,11 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
     need(args.model_dim % 128 == 0 or args.num_experts == 0,
          f"MODEL_DIM={args.model_dim} must be a multiple of 128 with experts (grouped GEMM alignment)")
+    need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
+         f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
+    need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
+    need(args.moe_kernel in ("triton", "torch"), f"MOE_KERNEL={args.moe_kernel!r}: use triton or torch")
     if args.num_experts:
-        need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
-             f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
-        need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
-        need(args.moe_kernel in ("triton", "torch"), f"MOE_KERNEL={args.moe_kernel!r}: use triton or torch")
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
         need(args.router != "soft" or args.top_k == args.num_experts,
@@ -641,8 +643,7 @@ class MoE(nn.Module):
         return y.view(shape), aux
 
     def uses_triton(self, x: Tensor) -> bool:
-        # Triton runs on the GPU, and on the CPU only under its interpreter (the tests)
-        return self.kernel == "triton" and triton is not None and (x.is_cuda or TRITON_INTERPRET)
+        return self.kernel == "triton" and triton_runs_on(x.device)
 
     def reset_stats(self):
         self.load.zero_()
@@ -680,6 +681,10 @@ def update_router_bias(moes: list[MoE], rate: float, world_size: int):
 
 ACT_CODES = {"relu2": 1, "swiglu": 2}
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
+
+def triton_runs_on(device: torch.device) -> bool:
+    # Triton runs on the GPU, and on the CPU only under its interpreter
+    return triton is not None and (device.type == "cuda" or TRITON_INTERPRET)
 if triton is not None:
     def tile_configs(pairs) -> list:
         # a short autotune list of (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), chosen once per shape and cached on
@@ -855,8 +860,9 @@ if triton is not None:
 
 # One function per kernel launch (bench/moe_layer.py times each). Shapes: x, dy [T, d]; w1 [E, h1, d] with h1 = h, or
 # 2h for SwiGLU's [gate; up]; w2 [E, d, h]; pre, dpre [N, h1] in expert order; gates [N] fp32 in assignment order;
-# order [N] int (assignments sorted by expert, stable); offsets [E] int32 (cumulative counts). Float tensors share
-# x's dtype (bf16 on GPU); k is the top-k.
+# order [N] int64 (assignments sorted by expert, stable); offsets [E] int32 (cumulative counts). Float tensors share
+# x's dtype (bf16 on GPU) and are contiguous (the kernels take row strides only; the op makes x and dy so); k is
+# the top-k.
 
 DGATE_COLS = 32  # dgate partials: one per 32 columns of the hidden layer (every config has BLOCK_N >= 32)
 
@@ -923,13 +929,13 @@ def sum_over_k(rows: Tensor, k: int) -> Tensor:
 def expert_mlp_forward(x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor, offsets: Tensor,
                        k: int, act: str) -> tuple[Tensor, Tensor]:
     # y [T, d] = sum over each token's k experts of gate * w2[e] act(w1[e] x), and pre for the backward
-    pre = up_projection(x, w1, order, offsets, k)
+    pre = up_projection(x.contiguous(), w1, order, offsets, k)
     return sum_over_k(down_projection(pre, w2, gates, order, offsets, act), k), pre
 
 def expert_mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, gates: Tensor, order: Tensor,
                         offsets: Tensor, pre: Tensor, k: int, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # gradients of expert_mlp_forward's y with respect to x, w1, w2 and gates
-    dy = dy.contiguous()
+    x, dy = x.contiguous(), dy.contiguous()
     dpre, dgates, hg = down_projection_backward(dy, w2, gates, order, offsets, pre, k, act)
     dw2 = weight_grad(dy, hg, order, offsets, k, gather_l=True, like=w2)
     dw1 = weight_grad(dpre, x, order, offsets, k, gather_l=False, like=w1)
@@ -1262,15 +1268,19 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
-def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module):
-    # a checkpoint resumes only into the architecture it was trained with: compare the settings, then the shapes
-    # (which also catch a width that a default resolved differently when the checkpoint was written)
+def check_settings(ckpt: dict, args: Hyperparameters):
+    # a checkpoint resumes only into the architecture it was trained with
     arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
             "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
     changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
     if changed:
         raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
                           f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
+
+def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module):
+    # the settings, then the shapes (which also catch a width that a default resolved differently when the
+    # checkpoint was written)
+    check_settings(ckpt, args)
     own = model.state_dict()
     for name, saved in ckpt["model"].items():
         if name in own and saved.shape != own[name].shape:
@@ -1301,6 +1311,7 @@ def load_checkpoint(args: Hyperparameters) -> dict:
         raise ConfigError(f"RESUME={args.resume} continues from step {ckpt['step']}: PROFILE_STEPS="
                           f"{args.profile_steps} after 5 untraced steps runs past NUM_ITERATIONS={args.num_iterations}; "
                           f"lower PROFILE_STEPS")
+    check_settings(ckpt, args)
     return ckpt
 
 def main(env: dict | None = None, check_only: bool = False):
@@ -1314,6 +1325,9 @@ def main(env: dict | None = None, check_only: bool = False):
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
     ckpt = load_checkpoint(args) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if args.num_experts and args.moe_kernel == "triton" and not triton_runs_on(device):
+        raise ConfigError(f"MOE_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
+                          f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use MOE_KERNEL=torch")
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
     val_files = find_shards(args.val_files, "VAL_FILES")

@@ -2,13 +2,17 @@
 # TRITON_INTERPRET=1 before train_gpt imports Triton): the expert op against a float64 loop written here, then the
 # whole layer against the PyTorch path with the same weights, forward and every gradient.
 import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err, tiny_env
+from conftest import ROOT, rel_err, tiny_env
 import train_gpt as tg
 
 triton = pytest.importorskip("triton")
@@ -194,3 +198,30 @@ def test_trainer_runs_the_triton_path(shared_shards, tmp_path):
         assert f"{kernel} kernels" in Path(result["log"]).read_text()
         losses[kernel] = result["val_loss"]
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+
+
+def test_expert_op_takes_non_contiguous_rows():
+    # the kernels address rows by stride only: a transposed or strided x must give what its contiguous copy gives
+    T, d, E, k, hidden = 26, 32, 4, 2, 32
+    _, order, offsets = routing(T, E, k, (), seed=4)
+    w1, w2, gates = torch.randn(E, hidden, d), torch.randn(E, d, hidden), torch.rand(T * k)
+    for x in (torch.randn(d, T).T, torch.randn(T, 2 * d)[:, ::2]):
+        assert not x.is_contiguous()
+        got = [t.requires_grad_() for t in (x.clone(), w1.clone(), w2.clone())]
+        want = [t.requires_grad_() for t in (x.contiguous(), w1.clone(), w2.clone())]
+        y, y_ref = (torch.ops.moe_speedrun.expert_mlp(*a, gates, order, offsets, k, "relu2")[0] for a in (got, want))
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        dy = torch.randn(T, d)
+        for a, b in zip(torch.autograd.grad(y, got, dy), torch.autograd.grad(y_ref, want, dy)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_triton_is_refused_where_it_cannot_run(shared_shards, tmp_path):
+    # without a GPU and without the interpreter, MOE_KERNEL=triton would silently run the PyTorch path
+    env = tiny_env(shared_shards, tmp_path, NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, MOE_KERNEL="triton")
+    names = {f.name.upper() for f in fields(tg.Hyperparameters)}
+    env = {k: v for k, v in os.environ.items() if k not in names} | env | dict(TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--check"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: MOE_KERNEL=triton needs a GPU"), r.stderr
+    assert not (tmp_path / "logs").exists()

@@ -593,6 +593,11 @@ def test_two_processes_match_one(shards, tmp_path):
     (dict(NUM_EXPERTS="4", MOE_LAYERS="1,12"), ["MOE_LAYERS='1,12'", "NUM_LAYERS=12"]),
     (dict(NUM_EXPERTS="4", MOE_LAYERS="a"), ["MOE_LAYERS='a'"]),
     (dict(NUM_EXPERTS="4", CAPACITY_FACTOR="-1"), ["CAPACITY_FACTOR"]),
+    (dict(NUM_EXPERTS="4", CAPACITY_FACTOR="inf"), ["CAPACITY_FACTOR=inf", "finite"]),
+    (dict(NUM_EXPERTS="4", CAPACITY_FACTOR="nan"), ["CAPACITY_FACTOR=nan", "finite"]),
+    (dict(NUM_EXPERTS="4", MOE_KERNEL="cuda"), ["MOE_KERNEL='cuda'", "triton or torch"]),
+    (dict(MOE_KERNEL="bogus"), ["MOE_KERNEL='bogus'"]),  # a dense run too: a value that does not parse stops it
+    (dict(ROUTER="bogus"), ["ROUTER='bogus'"]),
 ])
 def test_config_errors_name_the_setting(env, names):
     with pytest.raises(tg.ConfigError) as err:

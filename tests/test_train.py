@@ -293,6 +293,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_file_under_its_name(share
     ("other torch file", "is not a checkpoint of train_gpt.py"),
     ("at the end", "is at step 10 and NUM_ITERATIONS=10 leaves nothing to train"),
     ("profile past the end", "PROFILE_STEPS=8"),
+    ("another architecture", "was trained with a different MLP_HIDDEN=512"),
 ])
 def test_resume_is_checked_before_the_model_is_built(full_run, tmp_path, monkeypatch, case, message):
     ckpt = full_run["out"] / "ckpt" / "full" / "step_000010.pt"
@@ -308,6 +309,8 @@ def test_resume_is_checked_before_the_model_is_built(full_run, tmp_path, monkeyp
         path, overrides = ckpt, dict(NUM_ITERATIONS=10)
     elif case == "profile past the end":
         path, overrides = ckpt, dict(PROFILE_STEPS=8)  # steps 16..23 of 20
+    elif case == "another architecture":
+        path, overrides = ckpt, dict(MLP_HIDDEN=256)
     monkeypatch.setattr(train_gpt, "GPT", None)  # building the model would fail: the check must come first
     with pytest.raises(train_gpt.ConfigError) as e:
         train_gpt.main(tiny_env(full_run["data"], tmp_path, RESUME=path, **overrides))
