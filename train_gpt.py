@@ -90,7 +90,7 @@ class Hyperparameters:
     warmup_steps: int = 10  # untimed compile/kernel warmup steps, after which all state is restored
     log_dir: str = "logs"
     run_id: str = ""  # empty = a fresh uuid
-    checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_<N>.pt
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_<N, 6 digits>.pt
     save_every: int = 0  # checkpoint every N steps (0 = off)
     save_checkpoint: bool = False  # checkpoint at the end
     resume: str = ""  # path of a checkpoint to continue from
@@ -1293,7 +1293,7 @@ def load_checkpoint(args: Hyperparameters) -> dict:
     # read and checked before any model or GPU work; tensors stay on the CPU until load_state_dict copies them
     if not Path(args.resume).is_file():
         raise ConfigError(f"RESUME={args.resume}: no such file; give a checkpoint that SAVE_EVERY or SAVE_CHECKPOINT "
-                          f"wrote ({args.checkpoint_dir}/<run id>/step_<N>.pt)")
+                          f"wrote ({args.checkpoint_dir}/<run id>/step_000100.pt for step 100)")
     try:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises whatever the bytes trip (IndexError, UnpicklingError, zip errors)
