@@ -614,7 +614,7 @@ class MoE(nn.Module):
             keep = (queue_pos < capacity)[inverse].view(T, k)
             gates = gates * keep
             dropped = 1 - keep.float().mean()
-        if self.uses_triton(x):
+        if self.uses_triton(x.device):
             y = torch.ops.moe_speedrun.expert_mlp(x, self.w1.type_as(x), self.w2.type_as(x), gates.reshape(-1), order,
                                                   offsets, k, self.act_name)[0]
         else:
@@ -642,8 +642,8 @@ class MoE(nn.Module):
                 self.stats.add_(torch.stack([torch.ones_like(z), entropy, switch, z, dropped, gate_min]))
         return y.view(shape), aux
 
-    def uses_triton(self, x: Tensor) -> bool:
-        return self.kernel == "triton" and triton_runs_on(x.device)
+    def uses_triton(self, device: torch.device) -> bool:
+        return self.kernel == "triton" and triton_runs_on(device)
 
     def reset_stats(self):
         self.load.zero_()
@@ -1385,7 +1385,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     if moes:
         log(f"moe: layers {[i for i, _ in moes]}, {args.num_experts} experts of hidden {expert_hidden(args)}, "
             f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared, "
-            f"{'triton' if moes[0][1].uses_triton(torch.empty(0, device=device)) else 'torch'} kernels")
+            f"{'triton' if moes[0][1].uses_triton(device) else 'torch'} kernels")
     optimizers = build_optimizers(model, args, rank, world_size, device)
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:

@@ -122,7 +122,8 @@ def make_pair(E: int, K: int, router: str = "softmax", act: str = "relu2", share
             if layer.shared is not None:
                 layer.shared.c_proj.weight.normal_(0, 0.25)
         layers.append(layer)
-    assert layers[0].uses_triton(torch.empty(0)) and not layers[1].uses_triton(torch.empty(0))
+    cpu = torch.device("cpu")
+    assert layers[0].uses_triton(cpu) and not layers[1].uses_triton(cpu)
     return layers
 
 
