@@ -21,6 +21,8 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch._dynamo.backends.distributed import DDPOptimizer
+from torch._dynamo.backends.registry import lookup_backend
 try:
     import triton
     import triton.language as tl
@@ -65,6 +67,7 @@ class Hyperparameters:
     muon_momentum_start: float = 0.85
     muon_momentum_warmup: int = 300  # steps from muon_momentum_start to muon_momentum
     ns_steps: int = 5  # Newton-Schulz iterations
+    expert_lr_mult: float = 1.0  # Muon learning rate of the routed experts' matrices, times muon_lr
     adamw_lr: float = 0.003  # matrices, when matrix_optimizer=adamw
     adamw_weight_decay: float = 0.0
     head_lr: float = 0.008
@@ -84,6 +87,9 @@ class Hyperparameters:
     bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: bias step per optimizer step (0 = off)
     capacity_factor: float = 0.0  # 0 = dropless; else tokens past ceil(cf * T * k / E) per expert are dropped
     moe_kernel: str = "torch"  # torch (permuted copies + torch._grouped_mm) | triton (gather/scatter grouped GEMMs)
+    # several GPUs
+    reduce_dtype: str = "bf16"  # bf16 | fp32: the dtype gradients are summed over ranks in
+    bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket (and per compiled graph piece)
     # run
     seed: int = 0
     compile: bool = True  # torch.compile the model on GPU (the CPU always runs eager)
@@ -211,6 +217,8 @@ def validate(args: Hyperparameters, world_size: int = 1):
          f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
     need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
     need(args.moe_kernel in ("triton", "torch"), f"MOE_KERNEL={args.moe_kernel!r}: use triton or torch")
+    need(args.reduce_dtype in ("bf16", "fp32"), f"REDUCE_DTYPE={args.reduce_dtype!r}: use bf16 or fp32")
+    need(args.bucket_mb >= 1, f"BUCKET_MB={args.bucket_mb} must be at least 1 (MiB of parameters per bucket)")
     if args.num_experts:
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
@@ -304,64 +312,225 @@ def orthogonalize(G: Tensor, steps: int) -> Tensor:
 
 def momentum_stack(grads: list[Tensor], bufs: list[Tensor], momentum: Tensor) -> Tensor:
     # Nesterov momentum, then the updates cast to bf16 and stacked for Newton-Schulz (which reads bf16 anyway):
-    # compiled, one pass over grads and buffers instead of lerp, lerp, cat and cast
+    # compiled, one pass over grads and buffers instead of lerp, lerp, cat and cast. Gradients reduced in bf16 are
+    # widened to the fp32 buffers' dtype.
     m, n = grads[0].shape[-2:]
+    grads = [g.to(buf.dtype) for g, buf in zip(grads, bufs)]
     for g, buf in zip(grads, bufs):
         buf.lerp_(g, 1 - momentum)
     return torch.cat([g.lerp(buf, momentum).bfloat16().view(-1, m, n) for g, buf in zip(grads, bufs)])
 
+def split_stack(total: int, cost: float, load: list[float]) -> list[int]:
+    # how many of a group's `total` matrices each rank owns: shares differ by at most one, and the larger shares go
+    # to the ranks with the least work so far (`load`, updated in place), so the ranks end balanced by FLOPs
+    world_size = len(load)
+    extra = set(sorted(range(world_size), key=lambda r: (load[r], r))[:total % world_size])
+    shares = [total // world_size + (r in extra) for r in range(world_size)]
+    for r in range(world_size):
+        load[r] += shares[r] * cost
+    return shares
+
 class Muon(torch.optim.Optimizer):
-    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape. A param in
-    # `halves` stacks two matrices along its rows (SwiGLU's [gate; up]): each half is orthogonalized and scaled
-    # as its own matrix, as QKV's three are. Each rank orthogonalizes a contiguous share of the stacked matrices,
-    # then all_gather (async, overlapped). The momentum reaches the compiled part as a device tensor, so its
-    # warmup causes no recompilation.
+    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape and learning-rate
+    # multiplier (`lr_mults`, e.g. the experts'). A param in `halves` stacks two matrices along its rows (SwiGLU's
+    # [gate; up]): each half is orthogonalized and scaled as its own matrix, as QKV's three are.
+    # Each matrix has one owner rank: a group's stack is cut into contiguous shares, one per rank (split_stack). The
+    # owner keeps the momentum and orthogonalizes; the updates are all_gathered (async: the gather of one group runs
+    # under the next group's Newton-Schulz) and every rank applies them. `ranges[id(p)][r]` is the flat range of p
+    # that rank r owns; step(reduced) reads this rank's part of the summed gradient as reduced(p) (by default from
+    # p.grad, which then holds the whole summed gradient). The momentum reaches the compiled part as a device
+    # tensor, so its warmup causes no recompilation.
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
-                 compiled: bool = False, halves=()):
-        params, halved = list(params), {id(p) for p in halves}
+                 compiled: bool = False, halves=(), lr_mults: dict | None = None):
+        params, halved, lr_mults = list(params), {id(p) for p in halves}, lr_mults or {}
 
-        def matrix(p: Tensor) -> tuple[int, int]:
-            return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1)
+        def key(p: Tensor) -> tuple[int, int, bool]:
+            return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1), id(p) in lr_mults
 
-        groups = [dict(params=[p for p in params if matrix(p) == s], matrix=s) for s in sorted(set(map(matrix, params)))]
+        # a param with a multiplier is in a group of its own whatever the value, so a checkpoint fits any value
+        groups = [dict(params=[p for p in params if key(p) == k], matrix=k[:2],
+                       lr=lr * (lr_mults[id(next(p for p in params if key(p) == k))] if k[2] else 1))
+                  for k in sorted(set(map(key, params)))]
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         self.rank, self.world_size = rank, world_size
         compile = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
         self.orthogonalize, self.momentum_stack = compile(orthogonalize), compile(momentum_stack)
         self.momentum = torch.zeros(len(groups), device=params[0].device)
+        # per group: the widest share and where each rank's rows land; kept out of param_groups, which
+        # load_state_dict replaces with the checkpoint's (whose tensors would be copies, not views of the params)
+        self.ranges, self.plans, load = {}, [], [0.0] * world_size
+        for group in self.param_groups:
+            m, n = group["matrix"]
+            counts = [p.numel() // (m * n) for p in group["params"]]
+            shares = split_stack(sum(counts), m * n * min(m, n), load)
+            bounds = [sum(shares[:r]) for r in range(world_size + 1)]  # rank r owns stack rows bounds[r]:bounds[r+1]
+            # where each rank's rows land: (rank, first row in its share, param's matrices i0:i1 as a view)
+            targets, first = [], 0
+            for p, count in zip(group["params"], counts):
+                spans = [(r, max(bounds[r], first), min(bounds[r + 1], first + count)) for r in range(world_size)]
+                self.ranges[id(p)] = [((a - first) * m * n, (b - first) * m * n) if a < b else (0, 0) for r, a, b in spans]
+                targets += [(r, a - bounds[r], p.detach().view(-1, m, n)[a - first:b - first])
+                            for r, a, b in spans if a < b]
+                first += count
+            self.plans.append((max(shares), targets))
+
+    def owned(self, p: Tensor) -> tuple[int, int]:
+        return self.ranges[id(p)][self.rank]
 
     @torch.no_grad()
-    def step(self):
+    def step(self, reduced=None):
+        # a matrix without a gradient (unused in the forward) steps on a zero one, so every rank's share stays put
+        reduced = reduced or (lambda p: (p.grad if p.grad is not None else torch.zeros_like(p)).view(-1)[slice(*self.owned(p))])
         pending = []
-        for group, momentum in zip(self.param_groups, self.momentum):
-            params = [p for p in group["params"] if p.grad is not None]
+        for group, (width, targets), momentum in zip(self.param_groups, self.plans, self.momentum):
             m, n = group["matrix"]
             momentum.fill_(group["momentum"])
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"].view(-1, m, n) for p in params]
-            stacked = self.momentum_stack([p.grad.view(-1, m, n) for p in params], bufs, momentum)
-            share = -(-stacked.size(0) // self.world_size)
-            if stacked.size(0) < share * self.world_size:
-                stacked = torch.cat([stacked, stacked.new_zeros(share * self.world_size - stacked.size(0), m, n)])
-            local = self.orthogonalize(stacked[self.rank * share:(self.rank + 1) * share], group["ns_steps"])
+            mine = [p for p in group["params"] if self.owned(p)[1] > 0]
+            for p in mine:
+                if "momentum_buffer" not in self.state[p]:  # only the owned matrices, in fp32
+                    self.state[p]["momentum_buffer"] = torch.zeros(
+                        (self.owned(p)[1] - self.owned(p)[0]) // (m * n), m, n, device=p.device)
+            stacked = (self.momentum_stack([reduced(p).view(-1, m, n) for p in mine],
+                                           [self.state[p]["momentum_buffer"] for p in mine], momentum)
+                       if mine else torch.empty(0, m, n, dtype=torch.bfloat16, device=momentum.device))
+            if stacked.size(0) < width:  # equal shares for all_gather: the short ones padded with zero matrices
+                stacked = torch.cat([stacked, stacked.new_zeros(width - stacked.size(0), m, n)])
+            local = self.orthogonalize(stacked, group["ns_steps"])
             if self.world_size > 1:
-                gathered = local.new_empty(share * self.world_size, m, n)
-                handle = dist.all_gather_into_tensor(gathered, local.contiguous(), async_op=True)
+                gathered = local.new_empty(self.world_size * width, m, n)
+                handle = dist.all_gather_into_tensor(gathered, local, async_op=True)
+                gathered = gathered.view(self.world_size, width, m, n)
             else:
-                gathered, handle = local, None
-            pending.append((group, params, gathered, handle))
-        for group, params, gathered, handle in pending:
+                gathered, handle = local[None], None
+            pending.append((group, targets, gathered, handle))
+        for group, targets, gathered, handle in pending:
             if handle is not None:
                 handle.wait()
             m, n = group["matrix"]
             scale = -group["lr"] * max(1, m / n) ** 0.5  # per-matrix shape, so experts scale as their own matrices
-            start = 0
-            for p in params:
-                count = p.numel() // (m * n)
-                p.add_(gathered[start:start + count].view_as(p), alpha=scale)
-                start += count
+            torch._foreach_add_([t for _, _, t in targets],
+                                [gathered[r, j:j + t.size(0)] for r, j, t in targets], alpha=scale)
+
+# -----------------------------------------------------------------------------
+# Several ranks: bf16 gradients reduce-scattered in buckets under the backward, each matrix and Adam parameter
+# updated by its owner only, then all_gathered
+
+class ShardedAdamW(torch.optim.AdamW):
+    # AdamW in which each parameter has one owner rank (largest first, each to the rank with the fewest elements so
+    # far): the owner keeps its state and updates it from the summed gradient, reduced(p) (default: p.grad), then
+    # each rank's parameters reach the others in one all_gather per dtype
+    def __init__(self, groups, rank: int = 0, world_size: int = 1, **kwargs):
+        super().__init__(groups, **kwargs)
+        self.rank, self.world_size = rank, world_size
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.owner, load = {}, [0] * world_size
+        for p in sorted(params, key=lambda p: -p.numel()):  # stable: ties keep the groups' order
+            self.owner[id(p)] = min(range(world_size), key=lambda r: (load[r], r))
+            load[self.owner[id(p)]] += p.numel()
+        # one gather per dtype: rank r's segment holds its parameters flat, in the groups' order, padded to the longest
+        self.gathers, self.pending = [], []
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            of = [[p for p in params if p.dtype == dtype and self.owner[id(p)] == r] for r in range(world_size)]
+            width = max(sum(p.numel() for p in mine) for mine in of)
+            theirs = [(p, r * width + sum(q.numel() for q in of[r][:i])) for r in range(world_size) if r != rank
+                      for i, p in enumerate(of[r])]
+            self.gathers.append((dtype, width, of[rank], theirs))
+        self.ranges = {id(p): [(0, p.numel()) if self.owner[id(p)] == r else (0, 0) for r in range(world_size)]
+                       for p in params}
+
+    @torch.no_grad()
+    def step(self, reduced=None):
+        # with several ranks the parameters are all_gathered asynchronously: finish() waits and copies them in
+        for group in self.param_groups:
+            for p in group["params"]:
+                mine = self.owner[id(p)] == self.rank
+                p.grad = reduced(p).view_as(p).to(p.dtype) if mine and reduced is not None else p.grad if mine else None
+        super().step()
+        if self.world_size == 1:
+            return
+        device = self.param_groups[0]["params"][0].device
+        for dtype, width, mine, theirs in self.gathers:
+            send = torch.cat([p.detach().view(-1) for p in mine] + [torch.zeros(width - sum(p.numel() for p in mine),
+                                                                                dtype=dtype, device=device)])
+            gathered = send.new_empty(self.world_size * width)
+            self.pending.append((dist.all_gather_into_tensor(gathered, send, async_op=True), gathered, theirs))
+
+    @torch.no_grad()
+    def finish(self):
+        for handle, gathered, theirs in self.pending:
+            handle.wait()
+            torch._foreach_copy_([p.detach().view(-1) for p, _ in theirs],
+                                 [gathered[start:start + p.numel()] for p, start in theirs])
+        self.pending = []
+
+class GradientReducer:
+    # Gradient reduction for several ranks, overlapped with the backward. The parameters are cut into buckets of
+    # about `bucket_bytes` in the order their gradients become final; on the last micro-step each bucket is cast to
+    # `dtype`, packed rank by rank (rank r's segment holds the flat ranges r owns, `ranges[id(p)][r]`, from the
+    # optimizers) and reduce_scattered, asynchronously, as soon as its last gradient is accumulated (post-accumulate
+    # -grad hooks; buckets go out in order, the same on every rank). So each rank receives only what it updates, and
+    # the step waits only on the last bucket. reduced(p) is this rank's range of p's summed gradient. The idea is
+    # PyTorch DDP's buckets (Li et al. 2020) with ZeRO's reduce-scatter (Rajbhandari et al. 2020).
+    def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
+                 bucket_bytes: int):
+        self.rank, self.world_size, self.ranges = rank, world_size, ranges
+        self.buckets, size = [[]], 0
+        for p in params:
+            if size >= bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self.packs, self.outputs, self.views = [], [], {}
+        for bucket in self.buckets:
+            width = max(sum(e - s for s, e in (ranges[id(p)][r] for p in bucket)) for r in range(world_size))
+            buffer = torch.zeros(world_size * width, dtype=dtype, device=bucket[0].device)
+            output = buffer.new_zeros(width)
+            pack = []  # (param, its flat range, where it goes in the buffer)
+            for r in range(world_size):
+                offset = r * width
+                for p in bucket:
+                    s, e = ranges[id(p)][r]
+                    if e > s:
+                        pack.append((p, s, e, buffer[offset:offset + e - s]))
+                        if r == rank:
+                            pos = offset - r * width
+                            self.views[id(p)] = output[pos:pos + e - s]
+                        offset += e - s
+            self.packs.append((buffer, pack))
+            self.outputs.append(output)
+        self.armed, self.handles, self.waiting = False, [], []
+        for p in params:
+            p.register_post_accumulate_grad_hook(self.accumulated)
+
+    def arm(self):
+        # the next backward is the last micro-step of this optimizer step
+        self.armed, self.handles, self.waiting = True, [], [len(bucket) for bucket in self.buckets]
+
+    def accumulated(self, p: Tensor):
+        if self.armed:
+            self.waiting[self.bucket_of[id(p)]] -= 1
+            while len(self.handles) < len(self.buckets) and self.waiting[len(self.handles)] == 0:
+                self.launch(len(self.handles))
+
+    def launch(self, b: int):
+        buffer, pack = self.packs[b]
+        # a parameter the forward did not use has no gradient: it contributes zeros
+        torch._foreach_copy_([dst for *_, dst in pack],
+                             [(p.grad if p.grad is not None else torch.zeros_like(p)).view(-1)[s:e] for p, s, e, _ in pack])
+        self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], buffer, async_op=True))
+
+    def finish(self):
+        # after the last backward: send what no hook sent, then wait for every bucket
+        while len(self.handles) < len(self.buckets):
+            self.launch(len(self.handles))
+        for handle in self.handles:
+            handle.wait()
+        self.armed = False
+
+    def reduced(self, p: Tensor) -> Tensor:
+        return self.views[id(p)]
 
 # -----------------------------------------------------------------------------
 # Model components
@@ -1183,19 +1352,27 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
     if args.matrix_optimizer == "adamw":
         adam_groups.append(dict(params=matrices, lr=args.adamw_lr, weight_decay=args.adamw_weight_decay))
     else:
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
         # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
         halves = [m.w1 if isinstance(m, MoE) else m.c_fc.weight for m in model.modules()
                   if isinstance(m, (MoE, MLP)) and m.act is swiglu]
         optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
                                rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda",
-                               halves=halves))
+                               halves=halves, lr_mults={id(w): args.expert_lr_mult for m in moes for w in (m.w1, m.w2)}))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
-    optimizers.insert(0, torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
-                                           fused=device.type == "cuda"))
+    optimizers.insert(0, ShardedAdamW(adam_groups, rank=rank, world_size=world_size, betas=(0.8, 0.95), eps=1e-10,
+                                      weight_decay=0.0, fused=device.type == "cuda"))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+def gradient_order(model: GPT) -> list[Tensor]:
+    # roughly the order in which the backward finishes gradients: the head, the blocks from the last, then what the
+    # whole depth uses (skip weights, embeddings)
+    first = [model.lm_head.weight] + [p for block in reversed(model.blocks) for p in reversed(list(block.parameters()))]
+    seen = {id(p) for p in first}
+    return first + [p for p in reversed(list(model.parameters())) if id(p) not in seen]
 
 def count_params(model: GPT) -> dict:
     total = sum(p.numel() for p in model.parameters())
@@ -1268,8 +1445,12 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
-def check_settings(ckpt: dict, args: Hyperparameters):
-    # a checkpoint resumes only into the architecture it was trained with
+def check_settings(ckpt: dict, args: Hyperparameters, world_size: int):
+    # a checkpoint resumes only into the architecture it was trained with, and on as many ranks (each rank's
+    # optimizer state covers what that rank owns)
+    if ckpt["world_size"] != world_size:
+        raise ConfigError(f"RESUME={args.resume} was written by {ckpt['world_size']} processes and this run has "
+                          f"{world_size}: the optimizer state is split by rank; resume on {ckpt['world_size']} GPUs")
     arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
             "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
     changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
@@ -1277,19 +1458,19 @@ def check_settings(ckpt: dict, args: Hyperparameters):
         raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
                           f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
 
-def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module):
+def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module, world_size: int):
     # the settings, then the shapes (which also catch a width that a default resolved differently when the
     # checkpoint was written)
-    check_settings(ckpt, args)
+    check_settings(ckpt, args, world_size)
     own = model.state_dict()
     for name, saved in ckpt["model"].items():
         if name in own and saved.shape != own[name].shape:
             raise ConfigError(f"RESUME={args.resume} holds {name} of shape {tuple(saved.shape)} but this model's is "
                               f"{tuple(own[name].shape)}; set the width it was trained with (EXPERT_HIDDEN, MLP_HIDDEN)")
 
-CHECKPOINT_KEYS = ("step", "args", "model", "optimizers", "loader", "rng")
+CHECKPOINT_KEYS = ("step", "args", "model", "optimizers", "world_size", "loader", "rng")
 
-def load_checkpoint(args: Hyperparameters) -> dict:
+def load_checkpoint(args: Hyperparameters, world_size: int) -> dict:
     # read and checked before any model or GPU work; tensors stay on the CPU until load_state_dict copies them
     if not Path(args.resume).is_file():
         raise ConfigError(f"RESUME={args.resume}: no such file; give a checkpoint that SAVE_EVERY or SAVE_CHECKPOINT "
@@ -1311,7 +1492,7 @@ def load_checkpoint(args: Hyperparameters) -> dict:
         raise ConfigError(f"RESUME={args.resume} continues from step {ckpt['step']}: PROFILE_STEPS="
                           f"{args.profile_steps} after 5 untraced steps runs past NUM_ITERATIONS={args.num_iterations}; "
                           f"lower PROFILE_STEPS")
-    check_settings(ckpt, args)
+    check_settings(ckpt, args, world_size)
     return ckpt
 
 def main(env: dict | None = None, check_only: bool = False):
@@ -1323,7 +1504,7 @@ def main(env: dict | None = None, check_only: bool = False):
     log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
     if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
-    ckpt = load_checkpoint(args) if args.resume else None
+    ckpt = load_checkpoint(args, world_size) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     if args.num_experts and args.moe_kernel == "triton" and not triton_runs_on(device):
         raise ConfigError(f"MOE_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
@@ -1387,18 +1568,28 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared, "
             f"{'triton' if moes[0][1].uses_triton(device) else 'torch'} kernels")
     optimizers = build_optimizers(model, args, rank, world_size, device)
+    reducer = None
+    if world_size > 1:
+        ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
+        reducer = GradientReducer(gradient_order(model), ranges, rank, world_size,
+                                  dict(bf16=torch.bfloat16, fp32=torch.float32)[args.reduce_dtype], args.bucket_mb << 20)
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:
         attention_kernel = torch.compile(flex_attention, dynamic=False)
-    step_model = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    backend = "inductor"
+    if world_size > 1:
+        # one graph, compiled in pieces cut at about every BUCKET_MB of parameters (DDP's graph splitter, which
+        # needs no DDP module), so gradients become final piece by piece and the buckets go out under the backward
+        backend = DDPOptimizer(args.bucket_mb << 20, lookup_backend("inductor")).compile_fn
+    step_model = torch.compile(model, fullgraph=True, dynamic=False, backend=backend) if compiled else model
 
     train_loader = DataLoader(train_files, args.train_batch_tokens, args.train_seq_len, rank, world_size, device, log)
     val_loader = DataLoader(val_files, world_size * args.val_seq_len, args.val_seq_len, rank, world_size, device)
     start_step, carried_ms = 0, 0.0
     if ckpt:
-        check_checkpoint(ckpt, args, model)
+        check_checkpoint(ckpt, args, model, world_size)
         model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
+        for opt, state in zip(optimizers, ckpt["optimizers"][rank]):
             opt.load_state_dict(state)
         train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -1420,12 +1611,6 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             window_cache[b] = torch.tensor(b, dtype=torch.int32, device=device)
         return window_cache[b]
 
-    def reduce_gradients():
-        if world_size > 1:
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-            for h in handles:
-                h.wait()
-
     def optimizer_step(step: int):
         for opt in optimizers:
             for group in opt.param_groups:
@@ -1433,7 +1618,8 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             if isinstance(opt, Muon):
                 for group in opt.param_groups:
                     group["momentum"] = muon_momentum_at(step, args)
-            opt.step()
+            opt.step(reducer.reduced if reducer else None)
+        optimizers[0].finish()  # the Adam parameters' all_gather ran under Muon's work
         model.zero_grad(set_to_none=True)
         if moes and args.bias_update_rate:
             update_router_bias([m for _, m in moes], args.bias_update_rate, world_size)
@@ -1441,11 +1627,14 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     def train_step(step: int, batch) -> Tensor:
         window = window_tensor(step)
         total = torch.zeros((), device=device)
-        for inputs, targets in batch:
+        for i, (inputs, targets) in enumerate(batch):
+            if reducer and i == len(batch) - 1:
+                reducer.arm()
             ce, aux = step_model(inputs, targets, window)
-            ((ce + aux) / (len(batch) * world_size)).backward()  # all_reduce sums: this makes it the mean
+            ((ce + aux) / (len(batch) * world_size)).backward()  # the reduction sums: this makes it the mean
             total += ce.detach()
-        reduce_gradients()
+        if reducer:
+            reducer.finish()
         optimizer_step(step)
         return total / len(batch)
 
@@ -1493,12 +1682,21 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         return loss.item()
 
     def save(step: int, train_ms: float):
+        # each rank holds the optimizer state of what it owns: rank 0 writes every rank's
+        states = [o.state_dict() for o in optimizers]
+        if world_size > 1:
+            everyone = [None] * world_size if master else None
+            dist.gather_object(torch.utils._pytree.tree_map(lambda v: v.cpu() if isinstance(v, Tensor) else v, states),
+                               everyone, dst=0)
+            states = everyone
+        else:
+            states = [states]
         if not master:
             return
         path = repo_path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        state = dict(step=step, args=asdict(args), model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+        state = dict(step=step, args=asdict(args), model=model.state_dict(), optimizers=states, world_size=world_size,
                      loader=train_loader.state_dict(), rng=rng, train_ms=train_ms)
         # written whole under a temporary name in the same folder, then renamed: a checkpoint's name never holds
         # a partial file, whatever stops the write (full disk, kill)

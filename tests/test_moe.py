@@ -376,20 +376,22 @@ def tiny_gpt_args() -> tg.Hyperparameters:
 def test_resume_refuses_a_checkpoint_of_another_architecture():
     args = dataclasses.replace(tiny_gpt_args(), shared_experts=1, expert_hidden=0, resume="old.pt")
     model = tg.GPT(args)
-    tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=model.state_dict()), args, model)  # its own: fine
+    tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=model.state_dict(), world_size=1), args, model, 1)  # its own
     # the same settings, but experts twice as wide (what EXPERT_HIDDEN=0 gave with shared experts before d5f494c)
     wider = tg.GPT(dataclasses.replace(args, expert_hidden=2 * tg.expert_hidden(args)))
     with pytest.raises(tg.ConfigError, match=r"RESUME=old.pt holds blocks\.\d+\.mlp\.w1 of shape \(4, 256, 128\)"):
-        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=wider.state_dict()), args, model)
+        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=wider.state_dict(), world_size=1), args, model, 1)
     with pytest.raises(tg.ConfigError, match="RESUME=old.pt was trained with a different TOP_K=1"):
-        tg.check_checkpoint(dict(args=dataclasses.asdict(dataclasses.replace(args, top_k=1)), model=model.state_dict()),
-                            args, model)
+        tg.check_checkpoint(dict(args=dataclasses.asdict(dataclasses.replace(args, top_k=1)), model=model.state_dict(),
+                                 world_size=1), args, model, 1)
+    with pytest.raises(tg.ConfigError, match="RESUME=old.pt was written by 2 processes and this run has 1"):
+        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=model.state_dict(), world_size=2), args, model, 1)
 
 
 @pytest.mark.parametrize("matrix_optimizer", ["muon", "adamw"])
 def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_optimizer):
     args = dataclasses.replace(tiny_gpt_args(), router="noisy", shared_experts=1, router_lr=0.0007,
-                               matrix_optimizer=matrix_optimizer, adamw_lr=0.0011)
+                               matrix_optimizer=matrix_optimizer, adamw_lr=0.0011, expert_lr_mult=1.7)
     model = tg.GPT(args)
     optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
     lr_of = {}
@@ -399,12 +401,16 @@ def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_o
                 assert id(p) not in lr_of, "a parameter is in two groups"
                 lr_of[id(p)] = (type(opt).__name__, group["lr"])
     assert set(lr_of) == {id(p) for p in model.parameters()}
-    matrix = ("Muon", args.muon_lr) if matrix_optimizer == "muon" else ("AdamW", args.adamw_lr)
+    matrix = ("Muon", args.muon_lr) if matrix_optimizer == "muon" else ("ShardedAdamW", args.adamw_lr)
+    # the routed experts' multiplier is Muon's (Adam's matrices keep ADAMW_LR); the shared expert has none
+    expert = ("Muon", args.muon_lr * 1.7) if matrix_optimizer == "muon" else matrix
     moe = model.blocks[0].mlp
-    assert lr_of[id(moe.router)] == lr_of[id(moe.router_noise)] == ("AdamW", 0.0007)
-    for p in (moe.w1, moe.w2, moe.shared.c_fc.weight, moe.shared.c_proj.weight):
+    assert lr_of[id(moe.router)] == lr_of[id(moe.router_noise)] == ("ShardedAdamW", 0.0007)
+    for p in (moe.w1, moe.w2):
+        assert lr_of[id(p)] == expert
+    for p in (moe.shared.c_fc.weight, moe.shared.c_proj.weight):
         assert lr_of[id(p)] == matrix
-    assert lr_of[id(model.lm_head.weight)] == ("AdamW", args.head_lr)
+    assert lr_of[id(model.lm_head.weight)] == ("ShardedAdamW", args.head_lr)
 
 
 def test_compiles_without_graph_breaks_or_recompiles():
@@ -488,7 +494,7 @@ import json, os, sys, torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
 import train_gpt
-forward, adamw_step = train_gpt.GPT.forward, torch.optim.AdamW.step
+forward, finish = train_gpt.GPT.forward, train_gpt.GradientReducer.finish
 micro, params = [], []
 
 
@@ -502,28 +508,35 @@ def recording_forward(self, *args):
     return ce, aux
 
 
-def checking_step(self, *args, **kwargs):
-    # AdamW steps first: every parameter's gradient is still there, summed over micro-steps and ranks
-    if micro:
-        n, world = len(micro), dist.get_world_size()
-        worst = wrong = 0.0
-        for i, p in enumerate(params):
-            ce = sum(step[0][i] for step in micro)
-            aux = sum(step[1][i] for step in micro)
-            for t in (ce, aux):
-                dist.all_reduce(t)
-            want = (ce + aux) / (n * world)  # the mean over every micro-step of every rank
-            undivided = ce / (n * world) + aux  # what an aux loss left out of the division would give
-            got = p.grad if p.grad is not None else torch.zeros_like(p)
-            if want.norm() > 0:
-                worst = max(worst, ((got - want).norm() / want.norm()).item())
-                wrong = max(wrong, ((undivided - want).norm() / want.norm()).item())
-        print("gradient check: " + json.dumps(dict(micro_steps=n, world_size=world, worst=worst, wrong=wrong)))
-        micro.clear()
-    return adamw_step(self, *args, **kwargs)
+def checking_finish(self):
+    # once the reduction is done, each rank holds the summed gradient of what it owns: every parameter's range
+    finish(self)
+    n, world = len(micro), dist.get_world_size()
+    worst = wrong = 0.0
+    owned = 0
+    for i, p in enumerate(params):
+        ce = sum(step[0][i] for step in micro)
+        aux = sum(step[1][i] for step in micro)
+        for t in (ce, aux):
+            dist.all_reduce(t)
+        s, e = self.ranges[id(p)][self.rank]
+        if e == s:
+            continue
+        owned += e - s
+        want = ((ce + aux) / (n * world)).view(-1)[s:e]  # the mean over every micro-step of every rank
+        undivided = (ce / (n * world) + aux).view(-1)[s:e]  # what an aux loss left out of the division would give
+        got = self.reduced(p)
+        if want.norm() > 0:
+            worst = max(worst, ((got - want).norm() / want.norm()).item())
+            wrong = max(wrong, ((undivided - want).norm() / want.norm()).item())
+    total = torch.tensor(owned)
+    dist.all_reduce(total)
+    print("gradient check: " + json.dumps(dict(micro_steps=n, world_size=world, worst=worst, wrong=wrong,
+                                               owned=total.item(), params=sum(p.numel() for p in params))))
+    micro.clear()
 
 
-train_gpt.GPT.forward, torch.optim.AdamW.step = recording_forward, checking_step
+train_gpt.GPT.forward, train_gpt.GradientReducer.finish = recording_forward, checking_finish
 train_gpt.main()
 """
 
@@ -535,7 +548,7 @@ def test_aux_losses_are_averaged_over_micro_steps_and_ranks(shards, tmp_path):
     script.write_text(GRADIENT_CHECK.format(root=str(ROOT)))
     env = tiny_env(shards, tmp_path, NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, ROUTER="noisy", AUX_LOSS_COEF=0.5,
                    Z_LOSS_COEF=0.05, CAPACITY_FACTOR=1.1, TRAIN_BATCH_TOKENS=1024, TRAIN_SEQ_LEN=256,
-                   NUM_ITERATIONS=1, VAL_LOSS_EVERY=0, VAL_TOKENS=1024)
+                   NUM_ITERATIONS=1, VAL_LOSS_EVERY=0, VAL_TOKENS=1024, REDUCE_DTYPE="fp32")
     proc = launch(script, env, nproc=2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = [json.loads(line.split("gradient check: ")[1]) for line in proc.stdout.splitlines()
@@ -544,6 +557,7 @@ def test_aux_losses_are_averaged_over_micro_steps_and_ranks(shards, tmp_path):
     for check in checks:
         assert (check["micro_steps"], check["world_size"]) == (2, 2)
         assert check["worst"] < 1e-5  # the same sums in another order: fp32 rounding
+        assert check["owned"] == check["params"]  # the ranks' ranges cover every parameter once
         assert check["wrong"] > 1e-2, "the aux loss should weigh enough for the check to see its scale"
 
 
@@ -551,7 +565,7 @@ def test_two_processes_match_one(shards, tmp_path):
     def run(nproc: int) -> str:
         env = tiny_env(shards, tmp_path / f"np{nproc}", NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128,
                        TRAIN_BATCH_TOKENS=512, TRAIN_SEQ_LEN=256, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2,
-                       BIAS_UPDATE_RATE=0.01, SAVE_CHECKPOINT=1)
+                       BIAS_UPDATE_RATE=0.01, SAVE_CHECKPOINT=1, REDUCE_DTYPE="fp32")
         proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (tmp_path / f"np{nproc}" / "logs" / "tiny.txt").read_text()

@@ -1,0 +1,184 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, launch, tiny_env
+import train_gpt as tg
+
+
+# -----------------------------------------------------------------------------
+# ownership: every matrix and Adam parameter has exactly one owner, and the ranks' work is balanced
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_muon_ownership_covers_every_matrix_once_and_balances_flops(world_size):
+    # groups of 3, 1, 5 and 7 matrices of three shapes (one with a learning-rate multiplier): none divides evenly
+    shapes = [(3, 32, 16), (16, 48), (5, 24, 24), (7, 24, 24)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    per_rank = [tg.Muon(params, lr=0.1, momentum=0.9, ns_steps=5, rank=r, world_size=world_size,
+                        lr_mults={id(params[3]): 2.0}) for r in range(world_size)]
+    flops = [0] * world_size
+    for p in params:
+        m, n = p.shape[-2:]
+        owned = torch.zeros(p.numel(), dtype=torch.int64)
+        for r, opt in enumerate(per_rank):
+            assert opt.ranges[id(p)] == per_rank[0].ranges[id(p)], "every rank computes the same table"
+            s, e = opt.owned(p)
+            assert s % (m * n) == 0 and e % (m * n) == 0, "whole matrices"
+            owned[s:e] += 1
+            flops[r] += (e - s) // (m * n) * m * n * min(m, n)
+        assert owned.eq(1).all(), "each element owned by exactly one rank"
+    # shares of a group differ by at most one matrix, so the ranks' FLOPs differ by at most one of each group's
+    assert max(flops) - min(flops) <= 32 * 16 * 16 + 24 * 24 * 24 + 16 * 48 * 16
+    groups = per_rank[0].param_groups
+    assert sorted(g["lr"] for g in groups) == [0.1, 0.1, 0.1, 0.2]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_adam_ownership_gives_each_parameter_one_owner_largest_first(world_size):
+    sizes = [1000, 10, 600, 500, 3, 400]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    opts = [tg.ShardedAdamW([dict(params=params, lr=0.1)], rank=r, world_size=world_size) for r in range(world_size)]
+    load = [0] * world_size
+    for p in params:
+        owners = [r for r, o in enumerate(opts) if o.ranges[id(p)][r] == (0, p.numel())]
+        assert len(owners) == 1 and all(o.ranges[id(p)] == opts[0].ranges[id(p)] for o in opts)
+        load[owners[0]] += p.numel()
+    # largest first, each to the least-loaded rank: 1000 | 600 500 (1100 > 1000) | 400 to rank 0 | 10 and 3 to rank 1
+    expected = {2: sorted([1000 + 400, 600 + 500 + 10 + 3]), 3: sorted([1000, 600 + 10 + 3, 500 + 400])}
+    assert sorted(load) == expected[world_size]
+
+
+# -----------------------------------------------------------------------------
+# the gradient reducer on 2 and 3 gloo processes: what each rank receives, in bf16 and fp32, and when
+
+REDUCER_WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+rank, world = int(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=world)
+torch.manual_seed(0)
+# a chain of three layers, a stack of matrices and a vector: hooks fire in backward order, layer by layer
+layers = [torch.nn.Parameter(torch.randn(24, 24) * 0.2) for _ in range(3)]
+stack, vector = torch.nn.Parameter(torch.randn(5, 8, 24) * 0.2), torch.nn.Parameter(torch.randn(24))
+muon = tg.Muon(layers + [stack], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
+adam = tg.ShardedAdamW([dict(params=[vector], lr=0.1)], rank=rank, world_size=world)
+order = list(reversed(layers)) + [stack, vector]
+reducer = tg.GradientReducer(order, muon.ranges | adam.ranges, rank, world, getattr(torch, {dtype!r}),
+                             bucket_bytes=24 * 24 * 4)
+events = []
+launch = reducer.launch
+reducer.launch = lambda b: (events.append(("launch", b)), launch(b))
+for p in order:
+    p.register_post_accumulate_grad_hook(lambda p: events.append(("grad", next(i for i, q in enumerate(order) if q is p))))
+out = {{}}
+for micro in range(2):
+    if micro == 1:
+        reducer.arm()
+        events.append(("arm", -1))
+    gen = torch.Generator().manual_seed(100 * rank + micro)
+    x = torch.randn(7, 24, generator=gen)
+    h = x + vector
+    for w in layers:
+        h = torch.tanh(h @ w.T)
+    loss = (h * torch.randn(7, 24, generator=gen)).sum() + (stack * torch.randn(5, 8, 24, generator=gen)).sum()
+    loss.backward()
+reducer.finish()
+out["events"] = events
+out["reduced"] = {{i: reducer.reduced(p).tolist() for i, p in enumerate(order) if id(p) in reducer.views}}
+out["grads"] = {{i: p.grad.view(-1).tolist() for i, p in enumerate(order)}}
+out["ranges"] = {{i: reducer.ranges[id(p)][rank] for i, p in enumerate(order)}}
+json.dump(out, open(f"{out_dir}/rank{{rank}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def run_reducer(tmp_path, world: int, dtype: str) -> list[dict]:
+    code = REDUCER_WORKER.format(root=str(ROOT), store=tmp_path / "store", out_dir=tmp_path, dtype=dtype)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_rank_receives_the_summed_gradient_of_what_it_owns(tmp_path, world, dtype):
+    ranks = run_reducer(tmp_path, world, dtype)
+    for i in ranks[0]["grads"]:
+        # the local gradients (two micro-steps accumulated) of every rank, summed here in float64
+        local = torch.tensor([r["grads"][i] for r in ranks], dtype=torch.float64)
+        exact, magnitude = local.sum(0), local.abs().sum(0)
+        covered = torch.zeros_like(exact, dtype=torch.int64)
+        for r in ranks:
+            s, e = r["ranges"][i]
+            covered[s:e] += 1
+            if e > s:
+                got = torch.tensor(r["reduced"][i], dtype=torch.float64)
+                if dtype == "float32":
+                    torch.testing.assert_close(got, exact[s:e], rtol=1e-6, atol=1e-6)
+                else:
+                    # each input rounded to bf16 (2^-9 relative) and each of the world-1 partial sums rounded
+                    # again: at most world x 2^-8 of the sum of magnitudes
+                    assert ((got - exact[s:e]).abs() <= world * 2 ** -8 * magnitude[s:e] + 1e-30).all()
+                    assert not torch.equal(got, exact[s:e])  # it did go through bf16
+        assert covered.eq(1).all(), f"parameter {i}: each element reduced to exactly one rank"
+
+
+def test_buckets_go_out_during_the_backward(tmp_path):
+    # bucket 0 (the last layer, whose gradient is final first) is sent before the first layer's gradient exists
+    events = [tuple(e) for e in run_reducer(tmp_path, 2, "float32")[0]["events"]]
+    first_layer = 2  # order = reversed(layers): index 2 is layers[0], the last gradient of the chain
+    last_micro = events[events.index(("arm", -1)):]
+    assert last_micro.index(("launch", 0)) < last_micro.index(("grad", first_layer))
+    assert [b for kind, b in events if kind == "launch"] == sorted(b for kind, b in events if kind == "launch")
+
+
+# -----------------------------------------------------------------------------
+# whole runs: 1, 2 and 3 processes with accumulation give the same training
+
+def run_tiny(shards, out, nproc: int, **settings) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    env = tiny_env(shards, out, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, SAVE_CHECKPOINT=1, **settings)
+    proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (out / "logs" / "tiny.txt").read_text()
+
+
+def val_losses(log: str) -> list[float]:
+    return [float(line.split("val_loss:")[1].split()[0]) for line in log.splitlines()
+            if line.startswith("step:") and "val_loss:" in line]
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_three_processes_match_one_with_accumulation(shards, tmp_path, moe):
+    # 1536 tokens a step: 1 process x 6 micro-steps against 3 processes x 2 micro-steps, fp32 and bf16 reduction
+    settings = dict(TRAIN_BATCH_TOKENS=1536, TRAIN_SEQ_LEN=256, VAL_SEQ_LEN=256, VAL_TOKENS=1536)
+    if moe:
+        settings |= dict(NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, SHARED_EXPERTS=1)
+    one = val_losses(run_tiny(shards, tmp_path / "one", 1, **settings))
+    three = val_losses(run_tiny(shards, tmp_path / "three", 3, REDUCE_DTYPE="fp32", **settings))
+    bf16 = val_losses(run_tiny(shards, tmp_path / "bf16", 3, REDUCE_DTYPE="bf16", **settings))
+    assert one[-1] < one[0] - 1
+    assert three == pytest.approx(one, abs=2e-4)  # the same sums in another order
+    assert bf16 == pytest.approx(one, abs=2e-2) and bf16 != three  # bf16 gradients: close, not the same
+
+
+def test_two_process_resume_continues_exactly(shards, tmp_path):
+    # each rank's share of the optimizer state goes into the checkpoint and comes back to the same rank
+    settings = dict(NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, SAVE_EVERY=2)
+    whole = run_tiny(shards, tmp_path / "whole", 2, **settings)
+    ckpt = tmp_path / "whole" / "ckpt" / "tiny" / "step_000002.pt"
+    assert torch.load(ckpt)["world_size"] == 2 and len(torch.load(ckpt)["optimizers"]) == 2
+    resumed = run_tiny(shards, tmp_path / "resumed", 2, RESUME=str(ckpt), **settings)
+    assert val_losses(resumed)[-1] == val_losses(whole)[-1]
+    proc = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path, RUN_ID="one", RESUME=str(ckpt), NUM_ITERATIONS=4,
+                                                  NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128), 1, cwd=tmp_path)
+    assert proc.returncode == 2 and "written by 2 processes and this run has 1" in proc.stderr
