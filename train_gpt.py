@@ -331,8 +331,8 @@ def split_stack(total: int, cost: float, load: list[float]) -> list[int]:
     return shares
 
 class Muon(torch.optim.Optimizer):
-    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape and learning-rate
-    # multiplier (`lr_mults`, e.g. the experts'). A param in `halves` stacks two matrices along its rows (SwiGLU's
+    # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape, the params with
+    # a learning-rate multiplier (`lr_mults`: the routed experts') in groups of their own. A param in `halves` stacks two matrices along its rows (SwiGLU's
     # [gate; up]): each half is orthogonalized and scaled as its own matrix, as QKV's three are.
     # Each matrix has one owner rank: a group's stack is cut into contiguous shares, one per rank (split_stack). The
     # owner keeps the momentum and orthogonalizes; the updates are all_gathered (async: the gather of one group runs

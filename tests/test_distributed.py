@@ -9,6 +9,9 @@ import torch
 from conftest import ROOT, launch, tiny_env
 import train_gpt as tg
 
+sys.path.insert(0, str(ROOT / "bench"))
+import exposed_comm
+
 
 # -----------------------------------------------------------------------------
 # ownership: every matrix and Adam parameter has exactly one owner, and the ranks' work is balanced
@@ -182,3 +185,18 @@ def test_two_process_resume_continues_exactly(shards, tmp_path):
     proc = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path, RUN_ID="one", RESUME=str(ckpt), NUM_ITERATIONS=4,
                                                   NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128), 1, cwd=tmp_path)
     assert proc.returncode == 2 and "written by 2 processes and this run has 1" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# bench/exposed_comm.py: NCCL time with no other kernel running
+
+def test_exposed_communication_is_nccl_time_not_covered_by_compute():
+    def kernel(name, ts, dur):
+        return dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur)
+    events = [kernel("gemm", 0, 100), kernel("elementwise", 90, 30),  # compute 0-120
+              kernel("ncclDevKernel_ReduceScatter", 50, 100),  # 50-150: 120-150 exposed
+              kernel("ncclDevKernel_AllGather", 200, 40),  # 200-240: all exposed
+              kernel("gemm", 230, 70), dict(ph="X", cat="cpu_op", name="nccl:all_gather", ts=0, dur=1000)]
+    r = exposed_comm.exposed(events)
+    assert r["span_ms"] == pytest.approx(0.300) and r["comm_ms"] == pytest.approx(0.140)
+    assert r["compute_ms"] == pytest.approx(0.190) and r["exposed_ms"] == pytest.approx(0.060)
