@@ -21,8 +21,6 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch._dynamo.backends.distributed import DDPOptimizer
-from torch._dynamo.backends.registry import lookup_backend
 try:
     import triton
     import triton.language as tl
@@ -89,7 +87,7 @@ class Hyperparameters:
     moe_kernel: str = "torch"  # torch (permuted copies + torch._grouped_mm) | triton (gather/scatter grouped GEMMs)
     # several GPUs
     reduce_dtype: str = "bf16"  # bf16 | fp32: the dtype gradients are summed over ranks in
-    bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket (and per compiled graph piece)
+    bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
     # run
     seed: int = 0
     compile: bool = True  # torch.compile the model on GPU (the CPU always runs eager)
@@ -468,9 +466,12 @@ class GradientReducer:
     # about `bucket_bytes` in the order their gradients become final; on the last micro-step each bucket is cast to
     # `dtype`, packed rank by rank (rank r's segment holds the flat ranges r owns, `ranges[id(p)][r]`, from the
     # optimizers) and reduce_scattered, asynchronously, as soon as its last gradient is accumulated (post-accumulate
-    # -grad hooks; buckets go out in order, the same on every rank). So each rank receives only what it updates, and
-    # the step waits only on the last bucket. reduced(p) is this rank's range of p's summed gradient. The idea is
-    # PyTorch DDP's buckets (Li et al. 2020) with ZeRO's reduce-scatter (Rajbhandari et al. 2020).
+    # -grad hooks; buckets go out in order, the same on every rank). So each rank receives only what it updates.
+    # Where autograd finishes gradients one layer at a time (eager) the buckets run under the rest of the backward;
+    # the compiled model's backward is one graph whose gradients are all final at its end, so there they go out
+    # back to back after it (DDP's graph splitter, which would cut it, left FlexAttention uncompiled on an H200: the
+    # warmup did not finish in 6 minutes). reduced(p) is this rank's range of p's summed gradient. The idea is PyTorch
+    # DDP's buckets (Li et al. 2020) with ZeRO's reduce-scatter (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
         self.rank, self.world_size, self.ranges = rank, world_size, ranges
@@ -1576,12 +1577,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:
         attention_kernel = torch.compile(flex_attention, dynamic=False)
-    backend = "inductor"
-    if world_size > 1:
-        # one graph, compiled in pieces cut at about every BUCKET_MB of parameters (DDP's graph splitter, which
-        # needs no DDP module), so gradients become final piece by piece and the buckets go out under the backward
-        backend = DDPOptimizer(args.bucket_mb << 20, lookup_backend("inductor")).compile_fn
-    step_model = torch.compile(model, fullgraph=True, dynamic=False, backend=backend) if compiled else model
+    step_model = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
 
     train_loader = DataLoader(train_files, args.train_batch_tokens, args.train_seq_len, rank, world_size, device, log)
     val_loader = DataLoader(val_files, world_size * args.val_seq_len, args.val_seq_len, rank, world_size, device)
