@@ -11,6 +11,7 @@ import hashlib
 import datetime
 import subprocess
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from dataclasses import dataclass, fields, asdict
 
@@ -65,6 +66,8 @@ class Hyperparameters:
     muon_momentum_start: float = 0.85
     muon_momentum_warmup: int = 300  # steps from muon_momentum_start to muon_momentum
     ns_steps: int = 5  # Newton-Schulz iterations
+    ns_method: str = "quintic"  # quintic (Jordan's) | polar_express (a minimax quintic per step) | gram (+ Gram iteration)
+    ns_kernel: str = "torch"  # torch | triton (X X^T and A^2 by a kernel that computes half of each product)
     expert_lr_mult: float = 1.0  # Muon learning rate of the routed experts' matrices, times muon_lr
     adamw_lr: float = 0.003  # matrices, when matrix_optimizer=adamw
     adamw_weight_decay: float = 0.0
@@ -209,6 +212,9 @@ def validate(args: Hyperparameters, world_size: int = 1):
          f"PROFILE_STEPS={args.profile_steps} traces the steps after the first 5, but NUM_ITERATIONS="
          f"{args.num_iterations} leaves only {max(args.num_iterations - 5, 0)}; lower PROFILE_STEPS or train longer")
     need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
+    need(args.ns_method in ("quintic", "polar_express", "gram"),
+         f"NS_METHOD={args.ns_method!r}: use quintic, polar_express or gram")
+    need(args.ns_kernel in ("torch", "triton"), f"NS_KERNEL={args.ns_kernel!r}: use torch or triton")
     need(args.model_dim % 128 == 0 or args.num_experts == 0,
          f"MODEL_DIM={args.model_dim} must be a multiple of 128 with experts (grouped GEMM alignment)")
     need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
@@ -288,25 +294,94 @@ def has_fp8(device: torch.device) -> bool:
 # -----------------------------------------------------------------------------
 # Muon: momentum, then Newton-Schulz orthogonalization of each matrix, batched over matrices of one shape
 
-def orthogonalize(G: Tensor, steps: int) -> Tensor:
-    # quintic Newton-Schulz iteration (Keller Jordan); G is [..., m, n], each trailing matrix on its own. The Gram
-    # matrix is taken over the shorter side and a tall X is multiplied from the right: nothing is transposed.
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16().reshape(-1, *G.shape[-2:])
-    tall = G.size(-2) > G.size(-1)
-    A = X.mT @ X if tall else X @ X.mT
+# Newton-Schulz steps: step k maps each singular value s of X (normalized by ||X||_F) to a s + b s^3 + c s^5
+JORDAN = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, the same every step (NS_METHOD=quintic)
+# Polar Express (Amsel, Persson, Musco, Gower 2025): step k's quintic is the minimax fit to 1 over the band the steps
+# before it leave, starting from singular values in [1e-3, 1]; bench/polar_express.py derives them and prints each band
+POLAR_EXPRESS = [
+    (8.287212018145624, -23.595886519098826, 17.300387312530926),  # band [0.008287, 1.991713]
+    (4.107059111542194, -2.9478499167379044, 0.544843108292659),  # band [0.034034, 1.965966]
+    (3.9486908534823013, -2.9089021159629698, 0.5518191394370207),  # band [0.134276, 1.865724]
+    (3.3184196573705997, -2.4884880243148735, 0.5100489401237199),  # band [0.439583, 1.560417]
+    (2.30065201995482, -1.6689039845747544, 0.4188073119525692),  # band [0.876441, 1.123559]
+    (1.891301407787395, -1.267995827194581, 0.3768040894852455),  # band [0.998815, 1.001185]
+    (1.8750014808325688, -1.2500016453581995, 0.3750001645265548),  # band [1.000000, 1.000000]
+    (1.875, -1.25, 0.375),  # the limit, repeated for any later step
+]
+PE_SAFETY = 1.01  # the paper's bf16 safety factor: every Polar Express step but the last applies p(x / 1.01)
+GRAM_RESTART = 3  # NS_METHOD=gram recomputes A from X every 3 steps: the Gram recurrence drifts (2 and 3 measured alike)
+
+def ns_coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
+    # (a, b, c) of each of the `steps` steps for NS_METHOD=method
+    if method == "quintic":
+        return [JORDAN] * steps
+    chosen = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+    s = PE_SAFETY
+    return [(a / s, b / s ** 3, c / s ** 5) for a, b, c in chosen[:-1]] + chosen[-1:]
+
+def gram_scale(A: Tensor) -> Tensor:
+    # 1 / ||X||_F from X's Gram matrix A [B, m, m] (its trace), [B, 1, 1], fp32 (fp64 for fp64 A)
+    trace = A.diagonal(dim1=-2, dim2=-1).to(torch.promote_types(A.dtype, torch.float32)).sum(-1, keepdim=True)
+    return (1 / (trace.sqrt() + 1e-7)).unsqueeze(-1)
+
+def newton_schulz(X: Tensor, coefficients: list, gram) -> Tensor:
+    # X [B, m, n] in the dtype it computes in (bf16 in training), one odd quintic step per (a, b, c); gram(Y) = Y Y^T.
+    # The Gram matrix is taken over the shorter side and a tall X is multiplied from the right: nothing is transposed.
+    # Per step 4 m^2 n + 2 m^3 flops (m the short side), or 3 m^2 n + m^3 when gram computes half of each product.
+    tall = X.size(-2) > X.size(-1)
+    A = gram(X.mT if tall else X)
     # ||X||_F^2 is the trace of the Gram matrix: X is normalized through A and the first B, never in a pass of its own
-    scale = 1 / (A.diagonal(dim1=-2, dim2=-1).float().sum(-1, keepdim=True).sqrt() + 1e-7).unsqueeze(-1)
-    A = (A * scale ** 2).bfloat16()
-    eye = torch.eye(A.size(-1), device=A.device)
-    for i in range(steps):
+    scale = gram_scale(A)
+    A = (A * scale ** 2).to(X.dtype)
+    eye = torch.eye(A.size(-1), device=A.device, dtype=torch.promote_types(A.dtype, torch.float32))
+    for i, (a, b, c) in enumerate(coefficients):
         if i:
-            A = X.mT @ X if tall else X @ X.mT
+            A = gram(X.mT if tall else X)
         # a X + (b A + c A^2) X = (a I + b A + c A^2) X: the a X term rides on the small Gram-sized matrix, so X
         # goes through one plain product (baddbmm's a X cost a copy of X and a read of it in every iteration)
-        B = ((a * eye + b * A + c * (A @ A)) * (scale if i == 0 else 1)).bfloat16()
+        B = ((a * eye + b * A + c * gram(A)) * (scale if i == 0 else 1)).to(X.dtype)
         X = X @ B if tall else B @ X
-    return X.reshape(G.shape)
+    return X
+
+def gram_newton_schulz(X: Tensor, coefficients: list, gram) -> Tensor:
+    # newton_schulz's steps carried out on the m x m Gram matrix A (m the short side) instead of on X, for X [B, m, n]
+    # with ||X||_F <= 1 in the dtype it computes in: with P = p(A), A <- P A P and Q <- P Q (Q P for a tall X, the
+    # order of X's own products: 1.3x closer for 3072 x 768), and X is multiplied by Q once at the end. Every
+    # GRAM_RESTART steps X <- Q X and A is
+    # recomputed from it: the recurrence drifts. Idea: Dao, Zhang, Amsel, Chen 2026, "Gram Newton-Schulz".
+    # Flops, s steps with r restarts: (4 + 4r) m^2 n + (2s + 6(s - 1 - r)) m^3; s = 5, r = 1: 8 m^2 n + 28 m^3
+    # against newton_schulz's 20 m^2 n + 10 m^3. With the kernel: (3 + 3r) m^2 n + (s + 6(s - 1 - r)) m^3 against
+    # s (3 m^2 n + m^3). bench/muon_step.py counts them on the model's matrices
+    tall = X.size(-2) > X.size(-1)
+    eye = torch.eye(min(X.shape[-2:]), device=X.device, dtype=torch.promote_types(X.dtype, torch.float32))
+    Q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        if i % GRAM_RESTART == 0:
+            if Q is not None:
+                X, Q = (X @ Q if tall else Q @ X), None
+            A = gram(X.mT if tall else X)
+        P = (a * eye + b * A + c * gram(A)).to(X.dtype)
+        if i + 1 < len(coefficients) and (i + 1) % GRAM_RESTART:
+            A = P @ A @ P  # A P^2 in exact arithmetic; measured closer to the X iteration than A @ gram(P)
+        Q = P if Q is None else Q @ P if tall else P @ Q
+    return X @ Q if tall else Q @ X
+
+def orthogonalize(G: Tensor, steps: int, method: str = "quintic", kernel: str = "torch") -> Tensor:
+    # G [..., m, n] -> bf16 [..., m, n], each trailing matrix on its own taken close to its polar factor U V^T by
+    # `steps` odd quintics of its singular values. method: NS_METHOD, kernel: NS_KERNEL (Hyperparameters)
+    X = G.bfloat16().reshape(-1, *G.shape[-2:])
+    gram = gram_matrix_op if kernel == "triton" else gram_matrix
+    coefficients = ns_coefficients(method, steps)
+    m, n = sorted(G.shape[-2:])
+    # the Gram iteration needs fewer flops only where n / m > 1.5, or 2 where the kernel halves the Gram products
+    # (the counts above, any step count); other shapes take newton_schulz with the same coefficients
+    if method != "gram" or n <= (2 if kernel == "triton" else 1.5) * m:
+        return newton_schulz(X, coefficients, gram).reshape(G.shape)
+    # fp16, 3 more mantissa bits than bf16 at the same speed (as Dao et al. chose): in bf16 the recurrence left some
+    # singular values 30x too large, in fp16 its error is a fifth of bf16 newton_schulz's (measured on 640 x 768 and
+    # 3072 x 768 matrices). X is normalized first, as fp16's range cannot hold 1 / ||X||_F in Q
+    X = (X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32) + 1e-7)).half()
+    return gram_newton_schulz(X, coefficients, gram).bfloat16().reshape(G.shape)
 
 def momentum_stack(grads: list[Tensor], bufs: list[Tensor], momentum: Tensor) -> Tensor:
     # Nesterov momentum, then the updates cast to bf16 and stacked for Newton-Schulz (which reads bf16 anyway):
@@ -339,7 +414,7 @@ class Muon(torch.optim.Optimizer):
     # p.grad, which then holds the whole summed gradient). The momentum reaches the compiled part as a device
     # tensor, so its warmup causes no recompilation.
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
-                 compiled: bool = False, halves=(), lr_mults: dict | None = None):
+                 compiled: bool = False, halves=(), lr_mults: dict | None = None, orthogonalize=orthogonalize):
         params, halved, lr_mults = list(params), {id(p) for p in halves}, lr_mults or {}
 
         def key(p: Tensor) -> tuple[int, int, bool]:
@@ -1141,6 +1216,78 @@ def _expert_mlp_grad(ctx, dy, _):
 
 expert_mlp.register_autograd(_expert_mlp_grad, setup_context=_expert_mlp_setup)
 
+# Muon's Gram matrices (NS_KERNEL=triton): X X^T is symmetric, so only the tiles on and above the diagonal are
+# computed, half the flops of a matmul, and each is stored twice (at (i, j) and transposed at (j, i)). For A^2 with A
+# symmetric the same kernel computes A A^T. Any input strides, so a tall X's X^T X reads X.mT without a copy.
+if triton is not None:
+    GRAM_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)]
+
+    def gram_configs() -> list:
+        # (BLOCK, BLOCK_K, warps, stages); the interpreter gets one small tile, so partial tiles are exercised
+        if TRITON_INTERPRET:
+            return [triton.Config(dict(BLOCK=16, BLOCK_K=16), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(BLOCK=b, BLOCK_K=k), num_warps=w, num_stages=s) for b, k, w, s in GRAM_CONFIGS]
+
+    @triton.autotune(configs=gram_configs(), key=["M", "K", "stride_xm"], cache_results=True)
+    @triton.jit
+    def gram_kernel(x_ptr, out_ptr, M, K, stride_xb, stride_xm, stride_xk, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        # out[b] = x[b] x[b]^T, fp32 accumulation: program (t, b) computes row block i against row block j for the
+        # t-th pair i <= j, pairs counted column by column (j (j + 1) / 2 <= t < (j + 1) (j + 2) / 2, i = t - j (j + 1) / 2)
+        t = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        j = ((tl.sqrt(8.0 * t + 1.0) - 1.0) * 0.5).to(tl.int32)
+        j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)  # fp32 rounding of the square root, either way
+        j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+        i = t - j * (j + 1) // 2
+        rows = i * BLOCK + tl.arange(0, BLOCK)
+        cols = j * BLOCK + tl.arange(0, BLOCK)
+        red = tl.arange(0, BLOCK_K)
+        x = x_ptr + b * stride_xb
+        a_ptrs = x + rows[:, None] * stride_xm + red[None, :] * stride_xk
+        bt_ptrs = x + red[:, None] * stride_xk + cols[None, :] * stride_xm
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_ok = red + k < K
+            a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(bt_ptrs, mask=k_ok[:, None] & (cols < M)[None, :], other=0.0)
+            if UPCAST:
+                a, bt = a.to(tl.float32), bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc)
+            a_ptrs += BLOCK_K * stride_xk
+            bt_ptrs += BLOCK_K * stride_xk
+        out = out_ptr + b * M * M
+        tile = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out + rows[:, None] * M + cols[None, :], tile, mask=(rows < M)[:, None] & (cols < M)[None, :])
+        if i != j:
+            tl.store(out + cols[:, None] * M + rows[None, :], tl.trans(tile),
+                     mask=(cols < M)[:, None] & (rows < M)[None, :])
+
+    def gram_grid(M: int, B: int):
+        def grid(meta):
+            tiles = triton.cdiv(M, meta["BLOCK"])
+            return tiles * (tiles + 1) // 2, B
+        return grid
+
+def gram_matrix(x: Tensor) -> Tensor:
+    # x x^T, [B, m, k] -> [B, m, m]: the PyTorch path, and the reference of gram_matrix_op
+    return x @ x.mT
+
+@torch.library.custom_op("moe_speedrun::gram_matrix", mutates_args=())
+def gram_matrix_op(x: Tensor) -> Tensor:
+    # x x^T by gram_kernel: x [B, m, k] with any strides, bf16 (fp32 in CPU tests); out [B, m, m] contiguous, x's dtype
+    B, M, K = x.shape
+    # Triton's interpreter (3.9) mishandles bf16: tl.dot of bf16 operands is wrong and fp32 -> bf16 truncates. Under
+    # it the kernel casts the operands to fp32 (the same exact products) and PyTorch rounds the fp32 result
+    emulate = TRITON_INTERPRET and x.dtype == torch.bfloat16
+    out = x.new_empty(B, M, M, dtype=torch.float32 if emulate else x.dtype)
+    gram_kernel[gram_grid(M, B)](x, out, M, K, x.stride(0), x.stride(1), x.stride(2), UPCAST=emulate)
+    return out.bfloat16() if emulate else out
+
+@gram_matrix_op.register_fake
+def _(x: Tensor):
+    return x.new_empty(x.size(0), x.size(1), x.size(1))
+
 # -----------------------------------------------------------------------------
 # The GPT
 
@@ -1359,7 +1506,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
                   if isinstance(m, (MoE, MLP)) and m.act is swiglu]
         optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
                                rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda",
-                               halves=halves, lr_mults={id(w): args.expert_lr_mult for m in moes for w in (m.w1, m.w2)}))
+                               halves=halves, lr_mults={id(w): args.expert_lr_mult for m in moes for w in (m.w1, m.w2)},
+                               orthogonalize=partial(orthogonalize, method=args.ns_method, kernel=args.ns_kernel)))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
     optimizers.insert(0, ShardedAdamW(adam_groups, rank=rank, world_size=world_size, betas=(0.8, 0.95), eps=1e-10,
                                       weight_decay=0.0, fused=device.type == "cuda"))
@@ -1510,6 +1658,9 @@ def main(env: dict | None = None, check_only: bool = False):
     if args.num_experts and args.moe_kernel == "triton" and not triton_runs_on(device):
         raise ConfigError(f"MOE_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
                           f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use MOE_KERNEL=torch")
+    if args.matrix_optimizer == "muon" and args.ns_kernel == "triton" and not triton_runs_on(device):
+        raise ConfigError(f"NS_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
+                          f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use NS_KERNEL=torch")
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
     val_files = find_shards(args.val_files, "VAL_FILES")

@@ -74,6 +74,8 @@ def test_negative_value_is_rejected():
     (dict(WINDOW_MAX="1000"), 1, "WINDOW_MAX=1000"),
     (dict(NUM_ITERATIONS="0"), 1, "NUM_ITERATIONS"),
     (dict(MATRIX_OPTIMIZER="sgd"), 1, "MATRIX_OPTIMIZER='sgd'"),
+    (dict(NS_METHOD="newton"), 1, "NS_METHOD='newton': use quintic, polar_express or gram"),
+    (dict(NS_KERNEL="cuda"), 1, "NS_KERNEL='cuda': use torch or triton"),
 ])
 def test_impossible_config_is_rejected(env, world_size, needle):
     with pytest.raises(ConfigError) as e:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,160 @@ def test_swiglu_gate_and_up_are_orthogonalized_as_two_matrices():
         assert rel_err(update, want) < 0.04  # bf16 Newton-Schulz against fp64 (test_orthogonalize_is_the_quintic_iteration)
         top = torch.linalg.matrix_norm(update.double(), ord=2) / args.muon_lr
         assert top.min() > 0.7 and top.max() < 1.25, top  # the quintic's band around 1, for the gate halves too
+
+
+# -----------------------------------------------------------------------------
+# NS_METHOD: Polar Express coefficients, the Gram iteration; NS_KERNEL=triton is in tests/test_kernels.py
+
+LOWER, CUSHION, SAFETY = 1e-3, 0.02407327424182761, 1.01  # the Polar Express paper's l, cushion and safety factor
+
+
+def quintic_steps(coefficients, x):
+    # the composed scalar map s -> p_k(...p_1(s)) that the steps apply to each normalized singular value
+    for a, b, c in coefficients:
+        x = a * x + b * x ** 3 + c * x ** 5
+    return x
+
+
+def polar_express_as_applied(steps: int) -> list:
+    # the table's first `steps` quintics (its last one repeated past its end), each but the last as p(x / 1.01)
+    table = train_gpt.POLAR_EXPRESS
+    raw = [table[min(i, len(table) - 1)] for i in range(steps)]
+    return [(a / SAFETY, b / SAFETY ** 3, c / SAFETY ** 5) for a, b, c in raw[:-1]] + raw[-1:]
+
+
+def coefficients_of(method: str, steps: int) -> list:
+    return [(3.4445, -4.7750, 2.0315)] * steps if method == "quintic" else polar_express_as_applied(steps)
+
+
+def x_iteration_fp64(g: torch.Tensor, coefficients) -> torch.Tensor:
+    # the textbook iteration in float64 with any coefficients: normalize, then X <- aX + (bA + cA^2)X, A = X X^T
+    x = g.double().mT if g.size(-2) > g.size(-1) else g.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for a, b, c in coefficients:
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
+def test_polar_express_table_is_what_the_bench_script_derives():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from polar_express import polar_express
+    derived = polar_express(len(train_gpt.POLAR_EXPRESS))
+    for got, want in zip(train_gpt.POLAR_EXPRESS, derived, strict=True):
+        assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_each_polar_express_step_is_the_minimax_quintic():
+    # equioscillation (Chebyshev): p is the odd quintic closest to a constant over [x0, x3] iff p takes equal values
+    # at x0 and at its interior minimum x2, and equal values at its interior maximum x1 and at x3; the cushion fits
+    # the early steps on [max(l, cushion u), u], and every step is scaled so its band over [l, u] is centred on 1.
+    # Checked on the band each step inherits, for the steps whose band is wide enough to resolve in float64
+    lo, hi = LOWER, 1.0
+    for k, (a, b, c) in enumerate(train_gpt.POLAR_EXPRESS[:6]):
+        x0, x3 = max(lo, CUSHION * hi), hi
+        squares = np.roots([5 * c, 3 * b, a])  # p'(x) = a + 3b x^2 + 5c x^4
+        x1, x2 = np.sqrt(np.sort(squares.real))
+        assert x0 < x1 < x2 < x3, (k, x0, x1, x2, x3)
+        p = lambda x: a * x + b * x ** 3 + c * x ** 5
+        assert p(x0) == pytest.approx(p(x2), rel=1e-9) and p(x1) == pytest.approx(p(x3), rel=1e-9), k
+        values = p(np.linspace(lo, hi, 100_001))
+        assert values.min() + values.max() == pytest.approx(2, rel=1e-9), k
+        lo, hi = values.min(), values.max()
+    # past that the band is below 1e-6 wide: the limit of the minimax quintic, p(1) = 1, p'(1) = p''(1) = 0
+    assert train_gpt.POLAR_EXPRESS[-1] == pytest.approx((15 / 8, -10 / 8, 3 / 8), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps,band", [(5, (0.85, 1.125)), (6, (0.995, 1.002))])
+def test_polar_express_maps_the_design_interval_into_a_narrow_band(steps, band):
+    # every singular value in [l, 1] (after normalization) ends in `band` (the paper's construction, with its safety
+    # factor applied, computed here), and its worst distance from 1 is smaller than Jordan's after as many steps
+    x = np.linspace(LOWER, 1, 200_001)
+    got = quintic_steps(train_gpt.ns_coefficients("polar_express", steps), x)
+    assert band[0] < got.min() and got.max() < band[1]
+    assert train_gpt.ns_coefficients("polar_express", steps) == pytest.approx(polar_express_as_applied(steps))
+    jordan = quintic_steps(train_gpt.ns_coefficients("quintic", steps), x)
+    assert np.abs(got - 1).max() < 0.5 * np.abs(jordan - 1).max()
+
+
+@pytest.mark.parametrize("method", ["polar_express", "gram"])
+@pytest.mark.parametrize("shape", [(4, 96, 48), (4, 48, 96), (2, 64, 64), (80, 40)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_new_methods_are_the_iteration_with_their_coefficients(method, shape, steps):
+    # bf16 (gram: fp16) against the fp64 iteration of the applied Polar Express quintics. One step: bf16 rounding of
+    # the output, 2^-8; two: the first step's slope (a = 8.2) scales the roundoff in the small singular directions,
+    # 4 x 2^-8; five: 0.06, the Jordan test's 0.04 with room for the larger early slopes (measured: <= 0.036)
+    gen = torch.Generator().manual_seed(steps)
+    g = torch.randn(*shape, generator=gen) * 10.0 ** torch.randint(-3, 3, (), generator=gen).item()
+    out = orthogonalize(g, steps, method)
+    assert out.shape == g.shape and out.dtype == torch.bfloat16
+    want = x_iteration_fp64(g.bfloat16(), polar_express_as_applied(steps))
+    assert rel_err(out, want) < {1: 2 ** -8, 2: 4 * 2 ** -8, 5: 0.06}[steps]
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 24), (3, 24, 40), (2, 32, 32)])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7])
+def test_gram_iteration_is_the_x_iteration_in_fp64(shape, steps):
+    # the same polynomial steps carried on the Gram matrix, restarts included (every GRAM_RESTART steps)
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+    coefficients = polar_express_as_applied(steps)
+    x = g / g.norm(dim=(-2, -1), keepdim=True)
+    got = train_gpt.gram_newton_schulz(x, coefficients, train_gpt.gram_matrix)
+    assert rel_err(got, x_iteration_fp64(g, coefficients)) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "gram"])
+@pytest.mark.parametrize("m,n", [(96, 24), (24, 96), (48, 48), (80, 64)])
+def test_singular_values_land_in_the_band_the_method_promises(method, m, n):
+    # G's singular values spread over [0.05, 1]: after normalization each goes through the composed quintics, so the
+    # output's singular values lie in the image of [s_min, s_max] / ||s||, computed here in float64, widened by 0.03
+    # for bf16 (the one-step rounding 2^-8, grown by the steps' slopes; measured <= 0.02)
+    g, polar = with_singular_values(m, n, seed=m * n)
+    s = torch.linalg.svdvals(g.double()).numpy()
+    image = quintic_steps(coefficients_of(method, 5), np.linspace(s.min(), s.max(), 100_001) / np.linalg.norm(s))
+    got = torch.linalg.svdvals(orthogonalize(g, 5, method).double()).numpy()
+    assert image.min() - 0.03 < got.min() and got.max() < image.max() + 0.03, (got.min(), got.max(), image)
+    assert cosine(orthogonalize(g, 5, method), polar) > 0.95
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "gram"])
+def test_zero_matrices_stay_zero(method):
+    # Muon pads a stack that does not divide over the ranks with zero matrices: no 0/0 or overflow may turn them NaN
+    g = torch.zeros(3, 16, 40)  # n / m = 2.5: the Gram iteration's shapes
+    g[1] = torch.randn(16, 40)
+    out = orthogonalize(g, 5, method)
+    assert torch.isfinite(out).all() and not out[0].any() and not out[2].any() and out[1].any()
+
+
+@pytest.mark.parametrize("m,n,gram", [(48, 48, False), (40, 48, False), (48, 72, False), (48, 80, True),
+                                      (96, 24, True)])
+def test_gram_method_iterates_on_the_gram_matrix_only_where_that_saves_flops(m, n, gram):
+    # its flops undercut newton_schulz's only for n / m > 1.5 (gram_newton_schulz's counts); elsewhere NS_METHOD=gram
+    # is polar_express, bit for bit
+    g = torch.randn(2, m, n, generator=torch.Generator().manual_seed(m + n))
+    same = torch.equal(orthogonalize(g, 5, "gram"), orthogonalize(g, 5, "polar_express"))
+    assert same != gram
+
+
+@pytest.mark.parametrize("method", ["polar_express", "gram"])
+def test_muon_orthogonalizes_with_ns_method(method):
+    # build_optimizers hands NS_METHOD to Muon: one step with momentum 0 moves a matrix by -lr x that method's result
+    args = train_gpt.Hyperparameters(num_layers=2, model_dim=128, num_heads=1, head_dim=128, mlp_hidden=256,
+                                     num_value_embeds=1, no_attn_layers="", long_window_layers="0",
+                                     train_seq_len=128, val_seq_len=128, ns_method=method)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(args)
+    muon = train_gpt.build_optimizers(model, args, 0, 1, torch.device("cpu"))[1]
+    muon.param_groups[0]["momentum"] = 0.0
+    p = muon.param_groups[0]["params"][0]
+    m, n = muon.param_groups[0]["matrix"]
+    for group in muon.param_groups:
+        group["momentum"] = 0.0
+        for q in group["params"]:
+            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel()))
+    before = p.detach().clone()
+    muon.step()
+    update = (p.detach() - before) / (-args.muon_lr * max(1, m / n) ** 0.5)
+    grads = p.grad.view(-1, m, n)
+    assert rel_err(update, orthogonalize(grads, 5, method).float().view_as(p)) < 0.01
+    assert rel_err(update, orthogonalize(grads, 5, "quintic").float().view_as(p)) > 0.05

@@ -1,0 +1,73 @@
+# Exposed communication in a profiler trace of train_gpt.py (PROFILE_STEPS=N writes <run id>_trace.json): per
+# GPU stream set, the time NCCL kernels run while no other kernel runs, against the traced span. Communication
+# that runs under compute costs (almost) nothing; what this reports is what the step waits on.
+# Usage: python3 bench/exposed_comm.py LOG_DIR/<run id>_trace.json [--steps N]
+import argparse
+import json
+import sys
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def length(intervals: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    # the parts of the (merged, sorted) intervals a that no interval of b covers
+    out, j = [], 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k, cur = j, s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def exposed(events: list[dict]) -> dict:
+    kernels = [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") == "kernel"]
+    if not kernels:
+        raise SystemExit("error: the trace holds no GPU kernels; profile on a GPU (PROFILE_STEPS=N)")
+    comm = union([(ev["ts"], ev["ts"] + ev["dur"]) for ev in kernels if "nccl" in ev["name"].lower()])
+    compute = union([(ev["ts"], ev["ts"] + ev["dur"]) for ev in kernels if "nccl" not in ev["name"].lower()])
+    start = min(ev["ts"] for ev in kernels)
+    end = max(ev["ts"] + ev["dur"] for ev in kernels)
+    return dict(span_ms=(end - start) / 1e3, comm_ms=length(comm) / 1e3, compute_ms=length(compute) / 1e3,
+                exposed_ms=length(minus(comm, compute)) / 1e3)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Exposed NCCL time in a train_gpt.py profiler trace: NCCL kernels "
+                                 "running while no other kernel runs")
+    ap.add_argument("trace")
+    ap.add_argument("--steps", type=int, default=0, help="steps in the trace (PROFILE_STEPS), for per-step figures")
+    opts = ap.parse_args()
+    try:
+        with open(opts.trace) as f:
+            trace = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot read {opts.trace} as a trace ({e}); give the _trace.json that PROFILE_STEPS wrote")
+    r = exposed(trace["traceEvents"] if isinstance(trace, dict) else trace)
+    per = f", per step {r['span_ms'] / opts.steps:.2f} ms span, {r['exposed_ms'] / opts.steps:.2f} ms exposed" \
+        if opts.steps else ""
+    print(f"span {r['span_ms']:.1f} ms, kernels busy {r['compute_ms']:.1f} ms, NCCL {r['comm_ms']:.1f} ms, "
+          f"NCCL with no other kernel running {r['exposed_ms']:.1f} ms = {100 * r['exposed_ms'] / r['span_ms']:.2f}% "
+          f"of the span{per}")
+
+
+if __name__ == "__main__":
+    main()
