@@ -89,7 +89,10 @@ class Hyperparameters:
     capacity_factor: float = 0.0  # 0 = dropless; else tokens past ceil(cf * T * k / E) per expert are dropped
     moe_kernel: str = "torch"  # torch (permuted copies + torch._grouped_mm) | triton (gather/scatter grouped GEMMs)
     # several GPUs
-    reduce_dtype: str = "bf16"  # bf16 | fp32: the dtype gradients are summed over ranks in
+    # all_reduce: fp32 gradients all-reduced, every rank steps every Adam parameter (Muon's matrices are split over
+    # the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each parameter stepped by its owner, then
+    # all_gathered | reduce_scatter_fp32: the same in fp32. reduce_scatter has not finished a GPU warmup yet (README)
+    grad_reduce: str = "all_reduce"
     bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
     # run
     seed: int = 0
@@ -102,6 +105,8 @@ class Hyperparameters:
     save_checkpoint: bool = False  # checkpoint at the end
     resume: str = ""  # path of a checkpoint to continue from
     profile_steps: int = 0  # trace this many steps with the PyTorch profiler (after 5 untraced ones)
+
+GRAD_REDUCE_DTYPES = dict(reduce_scatter=torch.bfloat16, reduce_scatter_fp32=torch.float32)
 
 class ConfigError(ValueError):
     pass
@@ -221,7 +226,8 @@ def validate(args: Hyperparameters, world_size: int = 1):
          f"ROUTER={args.router!r} is not a router; use softmax, sigmoid, noisy or soft")
     need(args.expert_act in ("relu2", "swiglu"), f"EXPERT_ACT={args.expert_act!r}: use relu2 or swiglu")
     need(args.moe_kernel in ("triton", "torch"), f"MOE_KERNEL={args.moe_kernel!r}: use triton or torch")
-    need(args.reduce_dtype in ("bf16", "fp32"), f"REDUCE_DTYPE={args.reduce_dtype!r}: use bf16 or fp32")
+    need(args.grad_reduce in GRAD_REDUCE_DTYPES or args.grad_reduce == "all_reduce",
+         f"GRAD_REDUCE={args.grad_reduce!r}: use all_reduce, reduce_scatter or reduce_scatter_fp32")
     need(args.bucket_mb >= 1, f"BUCKET_MB={args.bucket_mb} must be at least 1 (MiB of parameters per bucket)")
     if args.num_experts:
         need(1 <= args.top_k <= args.num_experts,
@@ -1509,8 +1515,10 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
                                halves=halves, lr_mults={id(w): args.expert_lr_mult for m in moes for w in (m.w1, m.w2)},
                                orthogonalize=partial(orthogonalize, method=args.ns_method, kernel=args.ns_kernel)))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
-    optimizers.insert(0, ShardedAdamW(adam_groups, rank=rank, world_size=world_size, betas=(0.8, 0.95), eps=1e-10,
-                                      weight_decay=0.0, fused=device.type == "cuda"))
+    # with GRAD_REDUCE=all_reduce every rank holds every summed gradient and steps every Adam parameter itself
+    shards = (rank, world_size) if args.grad_reduce in GRAD_REDUCE_DTYPES else (0, 1)
+    optimizers.insert(0, ShardedAdamW(adam_groups, *shards, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                                      fused=device.type == "cuda"))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -1721,10 +1729,10 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             f"{'triton' if moes[0][1].uses_triton(device) else 'torch'} kernels")
     optimizers = build_optimizers(model, args, rank, world_size, device)
     reducer = None
-    if world_size > 1:
+    if world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES:
         ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
-        reducer = GradientReducer(gradient_order(model), ranges, rank, world_size,
-                                  dict(bf16=torch.bfloat16, fp32=torch.float32)[args.reduce_dtype], args.bucket_mb << 20)
+        reducer = GradientReducer(gradient_order(model), ranges, rank, world_size, GRAD_REDUCE_DTYPES[args.grad_reduce],
+                                  args.bucket_mb << 20)
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:
         attention_kernel = torch.compile(flex_attention, dynamic=False)
@@ -1782,6 +1790,10 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             total += ce.detach()
         if reducer:
             reducer.finish()
+        elif world_size > 1:
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+            for h in handles:
+                h.wait()
         optimizer_step(step)
         return total / len(batch)
 

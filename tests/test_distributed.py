@@ -162,15 +162,17 @@ def val_losses(log: str) -> list[float]:
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_three_processes_match_one_with_accumulation(shards, tmp_path, moe):
-    # 1536 tokens a step: 1 process x 6 micro-steps against 3 processes x 2 micro-steps, fp32 and bf16 reduction
+    # 1536 tokens a step: 1 process x 6 micro-steps against 3 processes x 2 micro-steps: all_reduce, reduce_scatter
+    # in fp32 and in bf16
     settings = dict(TRAIN_BATCH_TOKENS=1536, TRAIN_SEQ_LEN=256, VAL_SEQ_LEN=256, VAL_TOKENS=1536)
     if moe:
         settings |= dict(NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, SHARED_EXPERTS=1)
     one = val_losses(run_tiny(shards, tmp_path / "one", 1, **settings))
-    three = val_losses(run_tiny(shards, tmp_path / "three", 3, REDUCE_DTYPE="fp32", **settings))
-    bf16 = val_losses(run_tiny(shards, tmp_path / "bf16", 3, REDUCE_DTYPE="bf16", **settings))
+    all_reduce = val_losses(run_tiny(shards, tmp_path / "all_reduce", 3, **settings))
+    three = val_losses(run_tiny(shards, tmp_path / "three", 3, GRAD_REDUCE="reduce_scatter_fp32", **settings))
+    bf16 = val_losses(run_tiny(shards, tmp_path / "bf16", 3, GRAD_REDUCE="reduce_scatter", **settings))
     assert one[-1] < one[0] - 1
-    assert three == pytest.approx(one, abs=2e-4)  # the same sums in another order
+    assert three == pytest.approx(one, abs=2e-4) and all_reduce == pytest.approx(one, abs=2e-4)  # other orders
     assert bf16 == pytest.approx(one, abs=2e-2) and bf16 != three  # bf16 gradients: close, not the same
 
 

@@ -548,7 +548,7 @@ def test_aux_losses_are_averaged_over_micro_steps_and_ranks(shards, tmp_path):
     script.write_text(GRADIENT_CHECK.format(root=str(ROOT)))
     env = tiny_env(shards, tmp_path, NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, ROUTER="noisy", AUX_LOSS_COEF=0.5,
                    Z_LOSS_COEF=0.05, CAPACITY_FACTOR=1.1, TRAIN_BATCH_TOKENS=1024, TRAIN_SEQ_LEN=256,
-                   NUM_ITERATIONS=1, VAL_LOSS_EVERY=0, VAL_TOKENS=1024, REDUCE_DTYPE="fp32")
+                   NUM_ITERATIONS=1, VAL_LOSS_EVERY=0, VAL_TOKENS=1024, GRAD_REDUCE="reduce_scatter_fp32")
     proc = launch(script, env, nproc=2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = [json.loads(line.split("gradient check: ")[1]) for line in proc.stdout.splitlines()
@@ -565,7 +565,7 @@ def test_two_processes_match_one(shards, tmp_path):
     def run(nproc: int) -> str:
         env = tiny_env(shards, tmp_path / f"np{nproc}", NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128,
                        TRAIN_BATCH_TOKENS=512, TRAIN_SEQ_LEN=256, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2,
-                       BIAS_UPDATE_RATE=0.01, SAVE_CHECKPOINT=1, REDUCE_DTYPE="fp32")
+                       BIAS_UPDATE_RATE=0.01, SAVE_CHECKPOINT=1, GRAD_REDUCE="reduce_scatter_fp32")
         proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (tmp_path / f"np{nproc}" / "logs" / "tiny.txt").read_text()

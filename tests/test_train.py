@@ -178,7 +178,7 @@ def test_fp8_head_falls_back_to_bf16_on_cpu(short_run):
 def test_two_ranks_match_gradient_accumulation(short_run, tmp_path):
     # 512 tokens per step: 1 process x 2 micro-steps (short_run) vs 2 gloo processes x 1 micro-step
     r = launch(ROOT / "train_gpt.py", tiny_env(short_run["data"], tmp_path, RUN_ID="ddp", FP8_HEAD=1,
-                                                 SAVE_CHECKPOINT=1, REDUCE_DTYPE="fp32", **SHORT))
+                                                 SAVE_CHECKPOINT=1, **SHORT))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     log = tmp_path / "logs" / "ddp.txt"
     assert json.loads(next(l for l in log.read_text().splitlines() if l.startswith("run: "))[5:])["world_size"] == 2
