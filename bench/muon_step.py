@@ -1,40 +1,136 @@
 # Muon's step alone, on the hidden matrices of the model the environment configures (read as train_gpt.py reads it,
-# e.g. NUM_EXPERTS=8 MOE_LAYERS=1,...,11): median time of the compiled step on random gradients, with --against
-# OTHER/train_gpt.py that version's Muon on the same matrices, interleaved round by round, and with --profile the
-# top kernels of this version's step.
+# e.g. NUM_EXPERTS=32 TOP_K=4 SHARED_EXPERTS=1 MOE_LAYERS=1,...,11): for every NS_METHOD x NS_KERNEL (--variants), the
+# median time of the compiled step on the same random gradients, interleaved round by round in one process, with the
+# Newton-Schulz FLOPs of the step and the TFLOP/s they make of its time. --against OTHER/train_gpt.py adds that
+# version's Muon on the same matrices; --accuracy each variant's error against float64 on a few matrices of every
+# shape; --flops the FLOP counts alone (meta tensors, no device work); --profile the top kernels of the first variant.
+# On a CPU (no GPU, or --device cpu) nothing is compiled and the triton variants need TRITON_INTERPRET=1: give it a
+# small model, e.g. NUM_LAYERS=2 MODEL_DIM=128 NUM_HEADS=1 HEAD_DIM=128 MLP_HIDDEN=512 NUM_VALUE_EMBEDS=1
+# NO_ATTN_LAYERS= LONG_WINDOW_LAYERS=0.
 import argparse
+import dataclasses
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg
 from moe_layer import load_trainer, timed
+
+METHODS, KERNELS = ("quintic", "polar_express", "gram"), ("torch", "triton")
+
+
+@register_flop_formula(torch.ops.moe_speedrun.gram_matrix)
+def gram_matrix_flops(x_shape, *args, **kwargs) -> int:
+    # what the product needs: the upper triangle with its diagonal, 2k flops an entry (the kernel's diagonal tiles
+    # compute their lower halves too: at most one tile's worth more a row of tiles)
+    B, M, K = x_shape
+    return B * M * (M + 1) * K
+
+
+def shape_counts(muon: tg.Muon) -> list[tuple[int, int, int]]:
+    # (matrices, m, n) of each shape group
+    out = []
+    for group in muon.param_groups:
+        m, n = group["matrix"]
+        out.append((sum(p.numel() // (m * n) for p in group["params"]), m, n))
+    return out
+
+
+def ns_flops(shapes: list[tuple[int, int, int]], steps: int, method: str, kernel: str) -> int:
+    # the orthogonalization's matmul FLOPs over all matrices, counted by running it on meta tensors
+    with FlopCounterMode(display=False) as counter:
+        for count, m, n in shapes:
+            tg.orthogonalize(torch.empty(count, m, n, device="meta"), steps, method, kernel)
+    return counter.get_total_flops()
+
+
+def step_ms(opt, iters: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        return timed(opt.step, iters)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        opt.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def accuracy(shapes: list[tuple[int, int, int]], steps: int, variants: list[str], device: torch.device):
+    # relative error against the float64 iteration with the same coefficients, and the singular values' range, on
+    # 4 random gradient-like matrices (singular values decaying from 1 to 1e-4) of each shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for _, m, n in shapes:
+        k = min(m, n)
+        u = torch.linalg.qr(torch.randn(4, m, k, generator=gen, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(4, n, k, generator=gen, dtype=torch.float64)).Q
+        g = (u * torch.logspace(0, -4, k, dtype=torch.float64)) @ v.mT
+        x = g.bfloat16().double()
+        x = x / x.norm(dim=(-2, -1), keepdim=True)
+        cells = []
+        for variant in variants:
+            method, kernel = variant.split("/")
+            want = tg.newton_schulz(x, tg.ns_coefficients(method, steps), tg.gram_matrix)
+            got = tg.orthogonalize(g.float().to(device), steps, method, kernel).double().cpu()
+            s = torch.linalg.svdvals(got)
+            cells.append(f"{variant} {((got - want).norm() / want.norm()).item():.4f} [{s.min():.2f}, {s.max():.2f}]")
+        print(f"{m}x{n}: " + ", ".join(cells), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=20, help="timed steps per round (the median is kept)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="", help="comma-separated METHOD/KERNEL, e.g. quintic/torch,gram/triton "
+                                                   "(default: every method, with triton where it runs)")
     ap.add_argument("--against", help="path of another train_gpt.py whose Muon is timed alongside")
+    ap.add_argument("--device", choices=("cuda", "cpu"), help="default: the GPU if there is one")
+    ap.add_argument("--flops", action="store_true", help="print the FLOP counts and exit")
+    ap.add_argument("--accuracy", action="store_true", help="print each variant's error against float64 and exit")
     ap.add_argument("--profile", action="store_true")
     opts = ap.parse_args()
     args = tg.load_config(dict(os.environ))
-    device = tg.pick_device(0)
+    device = torch.device("cpu") if opts.device == "cpu" else tg.pick_device(0)
+    kernels = KERNELS if tg.triton_runs_on(device) else KERNELS[:1]
+    variants = opts.variants.split(",") if opts.variants else [f"{m}/{k}" for k in kernels for m in METHODS]
+    bad = [v for v in variants if v.count("/") != 1 or v.split("/")[0] not in METHODS or v.split("/")[1] not in KERNELS]
+    if bad:
+        ap.error(f"--variants {bad[0]!r}: use METHOD/KERNEL with METHOD in {', '.join(METHODS)}, KERNEL torch or triton")
+    if any(v.endswith("/triton") for v in variants) and not tg.triton_runs_on(device) and not opts.flops:
+        ap.error("the triton variants need a GPU, or TRITON_INTERPRET=1 on the CPU")
     torch.manual_seed(args.seed)
     model = tg.GPT(args).to(device)
-    muon, = [o for o in tg.build_optimizers(model, args, 0, 1, device) if isinstance(o, tg.Muon)]
-    params = [p for group in muon.param_groups for p in group["params"]]
-    print(f"{len(params)} matrices, {sum(p.numel() for p in params) / 1e6:.1f}M parameters, "
-          f"{len(muon.param_groups)} shape groups, {args.ns_steps} Newton-Schulz steps")
-    optimizers = {"this": muon}
+    if device.type == "cpu":
+        args = dataclasses.replace(args, compile=False)
+    optimizers = {}
+    for variant in variants:
+        method, kernel = variant.split("/")
+        varied = dataclasses.replace(args, ns_method=method, ns_kernel=kernel)
+        optimizers[variant], = [o for o in tg.build_optimizers(model, varied, 0, 1, device) if isinstance(o, tg.Muon)]
+    first = optimizers[variants[0]]
+    params = [p for group in first.param_groups for p in group["params"]]
+    shapes = shape_counts(first)
+    print(f"{len(params)} parameters, {sum(c for c, _, _ in shapes)} matrices, {sum(p.numel() for p in params) / 1e6:.1f}M "
+          f"weights, {args.ns_steps} Newton-Schulz steps; shapes: "
+          + ", ".join(f"{c} x {m}x{n}" for c, m, n in shapes))
+    flops = {v: ns_flops(shapes, args.ns_steps, *v.split("/")) for v in variants}
+    for v in variants:
+        print(f"{v}: {flops[v] / 1e9:.1f} GFLOP a step ({flops[v] / flops[variants[0]]:.2f}x {variants[0]})")
+    if opts.flops:
+        return
+    if opts.accuracy:
+        accuracy(shapes, args.ns_steps, variants, device)
+        return
     if opts.against:
         other = load_trainer(opts.against, "train_gpt_against")
         copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
         optimizers["against"] = other.Muon(copies, lr=args.muon_lr, momentum=args.muon_momentum,
-                                           ns_steps=args.ns_steps, compiled=True)
+                                           ns_steps=args.ns_steps, compiled=device.type == "cuda")
     for opt in optimizers.values():
         for group in opt.param_groups:
             for p in group["params"]:
@@ -43,19 +139,21 @@ def main():
             opt.step()
     results = {name: [] for name in optimizers}
     for r in range(opts.rounds):
-        times = {name: timed(opt.step, opts.iters) for name, opt in optimizers.items()}
+        times = {name: step_ms(opt, opts.iters, device) for name, opt in optimizers.items()}
         for name, t in times.items():
             results[name].append(t)
         print(f"round {r + 1}: " + ", ".join(f"{name} {t:.2f} ms" for name, t in times.items()), flush=True)
     for name, ts in results.items():
-        print(f"{name}: median {sorted(ts)[len(ts) // 2]:.2f} ms a step over {opts.rounds} rounds "
-              f"(min {min(ts):.2f}, max {max(ts):.2f})")
+        median = statistics.median(ts)
+        rate = f", {flops[name] / median / 1e9:.3g} TFLOP/s of Newton-Schulz FLOPs" if name in flops else ""
+        print(f"{name}: median {median:.2f} ms a step over {opts.rounds} rounds (min {min(ts):.2f}, max {max(ts):.2f})"
+              + rate)
     if opts.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                muon.step()
+                first.step()
             torch.cuda.synchronize()
-        print("kernels of 3 steps")
+        print(f"kernels of 3 steps of {variants[0]}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
