@@ -349,3 +349,18 @@ def test_muon_orthogonalizes_with_ns_method(method):
     grads = p.grad.view(-1, m, n)
     assert rel_err(update, orthogonalize(grads, 5, method).float().view_as(p)) < 0.01
     assert rel_err(update, orthogonalize(grads, 5, "quintic").float().view_as(p)) > 0.05
+
+
+def test_bench_counts_the_flops_the_comments_state():
+    # bench/muon_step.py counts each variant's matmul FLOPs on meta tensors; they must be the closed forms in
+    # newton_schulz's and gram_newton_schulz's comments (3 matrices of 32 x 80, n / m = 2.5, 5 steps, 1 restart)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import muon_step
+    B, m, n, s = 3, 32, 80, 5
+    half = lambda rows, k: rows * (rows + 1) * k  # the kernel's Gram product: the upper triangle and its diagonal
+    want = {("quintic", "torch"): B * s * (4 * m * m * n + 2 * m ** 3),
+            ("quintic", "triton"): B * s * (half(m, n) + half(m, m) + 2 * m * m * n),
+            ("gram", "torch"): B * (8 * m * m * n + 28 * m ** 3),
+            ("gram", "triton"): B * (half(m, n) * 2 + 2 * m * m * n * 2 + s * half(m, m) + 6 * 3 * m ** 3)}
+    for (method, kernel), flops in want.items():
+        assert muon_step.ns_flops([(B, m, n)], s, method, kernel) == flops, (method, kernel)
