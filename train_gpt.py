@@ -81,6 +81,7 @@ class Hyperparameters:
     expert_hidden: int = 0  # 0 = iso-FLOP with the dense MLP: mlp_hidden / (top_k + shared_experts), x2/3 for swiglu
     expert_act: str = "relu2"  # relu2 | swiglu
     shared_experts: int = 0  # always-on experts of width expert_hidden, added to the routed ones
+    expert_init_scale: float = 1.0  # multiplies the std of the routed experts' w1 at init (w2 starts at 0)
     router: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek) | noisy (noisy top-k) | soft (dense gating)
     router_lr: float = 0.001  # 0.005 saturates the routers over a 2000-step run (README, Results)
     aux_loss_coef: float = 0.0  # Switch load-balancing loss E * sum_i f_i P_i
@@ -229,6 +230,8 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.grad_reduce in GRAD_REDUCE_DTYPES or args.grad_reduce == "all_reduce",
          f"GRAD_REDUCE={args.grad_reduce!r}: use all_reduce, reduce_scatter or reduce_scatter_fp32")
     need(args.bucket_mb >= 1, f"BUCKET_MB={args.bucket_mb} must be at least 1 (MiB of parameters per bucket)")
+    need(args.expert_init_scale > 0, f"EXPERT_INIT_SCALE={args.expert_init_scale}: at 0 the experts start at zero "
+         "and get no gradient (w2 starts at 0 too); use a positive multiplier, 1 = record 21's init")
     if args.num_experts:
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
@@ -820,7 +823,8 @@ class MoE(nn.Module):
         self.kernel = args.moe_kernel
         self.router = nn.Parameter(init_matrix(E, dim))
         self.router_noise = nn.Parameter(torch.zeros(E, dim)) if args.router == "noisy" else None
-        self.w1 = nn.Parameter(init_matrix(E, hidden * (2 if args.expert_act == "swiglu" else 1), dim))
+        self.w1 = nn.Parameter(init_matrix(E, hidden * (2 if args.expert_act == "swiglu" else 1), dim)
+                               * args.expert_init_scale)
         self.w2 = nn.Parameter(torch.zeros(E, dim, hidden))
         self.shared = MLP(dim, hidden * args.shared_experts, args.expert_act) if args.shared_experts else None
         self.register_buffer("bias", torch.zeros(E))  # selection-only bias of the auxiliary-loss-free balancing

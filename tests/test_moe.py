@@ -612,12 +612,29 @@ def test_two_processes_match_one(shards, tmp_path):
     (dict(NUM_EXPERTS="4", MOE_KERNEL="cuda"), ["MOE_KERNEL='cuda'", "triton or torch"]),
     (dict(MOE_KERNEL="bogus"), ["MOE_KERNEL='bogus'"]),  # a dense run too: a value that does not parse stops it
     (dict(ROUTER="bogus"), ["ROUTER='bogus'"]),
+    (dict(NUM_EXPERTS="4", EXPERT_INIT_SCALE="0"), ["EXPERT_INIT_SCALE=0.0", "positive"]),
 ])
 def test_config_errors_name_the_setting(env, names):
     with pytest.raises(tg.ConfigError) as err:
         tg.load_config(env)
     for name in names:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_expert_init_scale_multiplies_the_std_of_w1(scale):
+    # record 21's init: uniform with std 0.5 / sqrt(fan_in); 4 x 128 x 128 draws resolve the std to ~0.2%
+    dim = 128
+    torch.manual_seed(0)
+    moe = tg.MoE(tg.Hyperparameters(model_dim=dim, expert_hidden=128, num_experts=4, top_k=2,
+                                    expert_init_scale=scale))
+    w1 = moe.w1.detach().double()
+    assert w1.std().item() == pytest.approx(scale * 0.5 / dim ** 0.5, rel=0.01)
+    assert w1.abs().max().item() <= scale * 3 ** 0.5 * 0.5 / dim ** 0.5 * (1 + 1e-6)
+    torch.manual_seed(0)
+    plain = tg.MoE(tg.Hyperparameters(model_dim=dim, expert_hidden=128, num_experts=4, top_k=2))
+    assert torch.equal(moe.w1, plain.w1 * scale), "the same draws, only scaled"
+    assert torch.equal(moe.router, plain.router) and not moe.w2.any(), "the router and w2 keep their init"
 
 
 @pytest.mark.parametrize("env,hidden", [
