@@ -5,6 +5,7 @@ Reads the logs train_gpt.py writes (logs/<run_id>.txt) and plain modded-nanogpt 
 
     python logger.py summary logs/
     python logger.py compare --target 3.28 records/8xH100_FineWeb/2026-11-22_MoE8/
+    python logger.py fewest --md logs/fewest/
     python logger.py plot --target 3.28 --out-dir plots logs/a.txt logs/b.txt
     python logger.py records --write README.md
 """
@@ -344,11 +345,12 @@ def p_below(losses: list[float], target: float) -> float | None:
     return float(stats.ttest_1samp(losses, target, alternative="less").pvalue)
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
+def welch_p(a: list[float], b: list[float], alternative: str = "two-sided") -> float | None:
+    # Welch's t-test of mean(a) against mean(b); alternative "less": that mean(a) is below mean(b)
     from scipy import stats
     if len(a) < 2 or len(b) < 2:
         return None
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
 
 
 def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) -> dict[str, list[Run]]:
@@ -447,6 +449,133 @@ def compare_report(groups: dict[str, list[Run]], target: float | None, markdown:
 
     return "\n\n".join([heading("Groups", markdown), render(header, rows, markdown), "\n".join(f"- {n}" for n in notes),
                         heading("Runs", markdown), render(run_header, run_rows, markdown)])
+
+
+# -----------------------------------------------------------------------------
+# fewest: the fewest steps to dense's loss (shared/BENCHMARK.md, "The fewest-steps method")
+
+MIN_REFERENCE_RUNS = 3  # the target is the mean of at least this many dense runs
+RECORD_RUNS, RECORD_P = 3, 0.05  # a record: this many runs at its step count, one-sided p below this
+# what makes two runs the same benchmark: the data (shard names, not their folder), the batch, the validation, the GPUs
+BENCHMARK_KEYS = ("train_files", "val_files", "train_seq_len", "train_batch_tokens", "val_seq_len", "val_tokens")
+
+
+def benchmark(run: Run) -> dict:
+    config = run.config or {}
+    bench = {key: config.get(key) for key in BENCHMARK_KEYS}
+    for key in ("train_files", "val_files"):
+        bench[key] = os.path.basename(bench[key]) if bench[key] else None
+    return bench | {"gpus": run.gpus, "device": run.device}
+
+
+def differences(a: dict, b: dict) -> str:
+    return ", ".join(f"{key} {a.get(key)!r} vs {b.get(key)!r}" for key in sorted(set(a) | set(b))
+                     if a.get(key) != b.get(key))
+
+
+def check_reference(reference: list[Run], ignore: set[str]) -> list[Run]:
+    # the complete dense runs that set the target, refused unless they are >= 3 runs of one length and one config
+    complete = [run for run in reference if run.complete]
+    for run in reference:
+        if not run.complete:
+            note(f"{run.path} is {'a partial' if run.partial else 'an incomplete'} reference run; left out of the target")
+    if len(complete) < MIN_REFERENCE_RUNS:
+        raise LogError(f"the target needs the final val loss of >= {MIN_REFERENCE_RUNS} complete dense runs, found "
+                       f"{len(complete)}; add dense runs of the same benchmark (bench/fewest_steps.sh --dense 3) "
+                       "or name them with --reference")
+    lengths = sorted({run.num_iterations for run in complete})
+    if len(lengths) > 1:
+        raise LogError("the dense runs have different lengths (NUM_ITERATIONS " + ", ".join(
+            f"{run.num_iterations} in {run.path}" for run in complete) + "); the target is the mean of runs of "
+            "one length: pass only those with --reference")
+    first = complete[0]
+    settings = {k: v for k, v in (first.config or {}).items() if k not in ignore} | benchmark(first)
+    for run in complete[1:]:
+        other = {k: v for k, v in (run.config or {}).items() if k not in ignore} | benchmark(run)
+        if other != settings:
+            raise LogError(f"the dense runs {first.path} and {run.path} differ ({differences(settings, other)}); "
+                           "the target is the mean of runs of one configuration: pass only those with --reference")
+    return complete
+
+
+def fewest_step_count(rows: list[dict], record: bool) -> dict | None:
+    # the fewest steps whose mean reaches the target; a record also needs RECORD_RUNS runs and p < RECORD_P
+    for row in rows:
+        if record and (row["n"] < RECORD_RUNS or row["p"] is None or not row["p"] < RECORD_P):
+            continue
+        if row["n"] and row["mean"] <= row["target"]:
+            return row
+    return None
+
+
+def fewest_report(reference: list[Run], candidates: list[Run], ignore: set[str], markdown: bool) -> str:
+    dense = check_reference(reference, ignore)
+    dense_losses = [run.final_loss for run in dense]
+    target = statistics.mean(dense_losses)
+    dense_time = statistics.mean(run.train_time_ms for run in dense) / 1000
+    dense_steps = dense[0].num_iterations
+    if not candidates:
+        raise LogError("no runs to set against the dense ones: pass the MoE logs (without --reference, the logs "
+                       "with experts are the candidates and the dense ones the reference)")
+    for run in candidates:
+        if benchmark(run) != benchmark(dense[0]):
+            raise LogError(f"{run.path} runs another benchmark than the dense runs "
+                           f"({differences(benchmark(run), benchmark(dense[0]))}); compare runs of one benchmark")
+
+    out = [heading("Fewest steps to dense's loss", markdown), "\n".join([
+        f"- target: {target:.4f}, the mean final val loss of {len(dense)} dense runs of {dense_steps} steps "
+        f"({fmt_mean_std(dense_losses, '.4f')}), mean train time {dense_time:.2f} s.",
+        "- p: one-sided Welch t-test that the mean final val loss at that step count is below the dense runs' mean "
+        "(the target's own noise counted).",
+        f"- A record needs >= {RECORD_RUNS} runs at its step count and p < {RECORD_P}; "
+        "a step count whose mean alone reaches the target is a lead.",
+        "- Mean ± sample std over complete runs; incomplete and partial runs are counted in brackets, left out."])]
+    header = ["steps", "runs", "val loss", "p(loss < target)", "reached", "train time [s]", "steps / dense",
+              "time / dense"]
+    # a group is named by its model, then by the settings in which the groups differ
+    groups = {model_name(runs[0]) + ("" if label == "same config" else f" ({label})"): runs
+              for label, runs in group_runs(candidates, "config", None, ignore | {"num_iterations"}).items()}
+    for label, runs in groups.items():
+        rows, table = [], []
+        for steps in sorted({run.num_iterations for run in runs}):
+            at = [run for run in runs if run.num_iterations == steps]
+            complete = [run for run in at if run.complete]
+            losses = [run.final_loss for run in complete]
+            times = [run.train_time_ms / 1000 for run in complete]
+            row = dict(steps=steps, n=len(complete), target=target, p=welch_p(losses, dense_losses, "less"),
+                       mean=statistics.mean(losses) if losses else None,
+                       time=statistics.mean(times) if times else None)
+            rows.append(row)
+            left_out = [run.status for run in at if not run.complete]
+            counts = ", ".join(f"+{left_out.count(status)} {status}" for status in sorted(set(left_out)))
+            table.append([str(steps), f"{len(complete)} ({counts})" if left_out else str(len(complete)),
+                          fmt_mean_std(losses, ".4f"), fmt_p(row["p"]),
+                          "-" if row["mean"] is None else "yes" if row["mean"] <= target else "no",
+                          fmt_mean_std(times, ".2f"), f"{steps / dense_steps:.3f}",
+                          fmt(None if row["time"] is None else row["time"] / dense_time, ".3f")])
+        record, lead = fewest_step_count(rows, record=True), fewest_step_count(rows, record=False)
+        lines = []
+        if record:
+            lines.append(f"- fewest steps to {target:.4f}: **{record['steps']}** ({record['n']} runs, p = "
+                         f"{fmt_p(record['p'])}): {record['steps'] / dense_steps:.3f}x dense's steps, "
+                         f"{record['time'] / dense_time:.3f}x its train time.")
+        else:
+            lines.append(f"- no step count reaches {target:.4f} with >= {RECORD_RUNS} runs and p < {RECORD_P}.")
+        if lead and lead is not record:
+            kind = "a lead" if lead["n"] < RECORD_RUNS else f"p = {fmt_p(lead['p'])}, not significant"
+            lines.append(f"- fewest steps whose mean reaches it: {lead['steps']} ({lead['n']} run"
+                         f"{'s' if lead['n'] > 1 else ''}, {kind}): {lead['steps'] / dense_steps:.3f}x dense's steps, "
+                         f"{lead['time'] / dense_time:.3f}x its train time.")
+        out += [heading(label, markdown), render(header, table, markdown), "\n".join(lines)]
+
+    run_rows = [["dense (target)", run.run_id, run.status, f"{run.last_step}/{fmt(run.num_iterations)}",
+                 fmt(run.final_loss, ".4f"), fmt(run.train_time_ms / 1000, ".2f")] for run in reference]
+    run_rows += [[label, run.run_id, run.status, f"{run.last_step}/{fmt(run.num_iterations)}",
+                  fmt(run.final_loss, ".4f"), fmt(run.train_time_ms / 1000, ".2f")]
+                 for label, runs in groups.items() for run in sorted(runs, key=lambda r: r.num_iterations or 0)]
+    out += [heading("Runs", markdown),
+            render(["group", "run", "status", "steps", "val loss", "train time [s]"], run_rows, markdown)]
+    return "\n\n".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -627,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logger.py",
         description="Summarize, compare and plot training logs of train_gpt.py (and plain modded-nanogpt logs); "
-                    "regenerate the records tables of the README.")
+                    "find the fewest steps to dense's loss; regenerate the records tables of the README.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     logs = argparse.ArgumentParser(add_help=False)
     logs.add_argument("paths", nargs="+", metavar="LOG",
@@ -657,6 +786,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated config keys that do not split groups with --by config (default: {RUN_KEYS})")
     compare.add_argument("--target", type=float, metavar="LOSS", help="target val loss, e.g. 3.28")
     compare.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
+
+    fewest = commands.add_parser(
+        "fewest", parents=[logs], help="the fewest steps at which an MoE reaches dense's mean final val loss",
+        description="The fewest-steps method of shared/BENCHMARK.md: the target is the mean final val loss of >= 3 "
+                    "dense runs of one length (the reference: the logs without experts, or --reference); the other "
+                    "logs, grouped by config except NUM_ITERATIONS and --ignore, get one row per step count: runs, "
+                    "mean ± std final val loss, the one-sided Welch t-test p-value that their mean is below the "
+                    "dense runs' mean, whether the mean reaches it, the train time, and both as ratios to dense's. "
+                    "Then the fewest step count with >= 3 runs and p < 0.05 (a record), and the fewest whose mean "
+                    "alone reaches the target (a lead). Incomplete and partial runs are left out.")
+    fewest.add_argument("--reference", action="append", metavar="LOG",
+                        help="the runs that set the target: a file, folder or quoted glob, repeatable; default: the "
+                             "logs without experts")
+    fewest.add_argument("--ignore", default=RUN_KEYS, metavar="KEYS",
+                        help=f"comma-separated config keys that do not split groups, besides num_iterations "
+                             f"(default: {RUN_KEYS})")
+    fewest.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
 
     plot = commands.add_parser(
         "plot", parents=[logs], help="PNG figures of val loss and expert load",
@@ -695,6 +841,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             ignore = {key.strip() for key in args.ignore.split(",") if key.strip()}
             print(compare_report(group_runs(runs, args.by, args.pattern, ignore), args.target, args.md))
+        elif args.command == "fewest":
+            ignore = {key.strip() for key in args.ignore.split(",") if key.strip()}
+            if args.reference:
+                reference = load_runs(args.reference)
+                named = {run.path.resolve() for run in reference}
+                candidates = [run for run in runs if run.path.resolve() not in named]
+            else:
+                reference = [run for run in runs if not run.has_experts]
+                candidates = [run for run in runs if run.has_experts]
+            print(fewest_report(reference, candidates, ignore, args.md))
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")

@@ -266,6 +266,128 @@ def test_compare_prints_time_and_step_to_target_per_run(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
+# fewest: the fewest steps to dense's loss
+
+DENSE = [4.0550, 4.0570, 4.0530]
+MOE = {"num_experts": 32, "top_k": 4, "shared_experts": 1}
+
+
+def write_step_runs(folder: Path, name: str, steps: int, losses: list[float], ms_per_step: float,
+                    config: dict | None = None) -> list[Path]:
+    # runs of NUM_ITERATIONS=steps; run i ends at steps x ms_per_step + 50 i ms (timings vary, as real ones do)
+    return [write_log(folder / f"{name}_{steps}_seed{i}.txt",
+                      [(0, 0, 10.8258), (steps // 2, steps * ms_per_step / 2, 4.3),
+                       (steps, steps * ms_per_step + 50 * i, loss)], steps, {"seed": i, **(config or {})})
+            for i, loss in enumerate(losses)]
+
+
+def one_sided_welch(a: list[float], b: list[float]) -> float:
+    # P(T <= t) for Welch's t of mean(a) - mean(b) with the Welch-Satterthwaite degrees of freedom
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return stats.t.cdf(t, df)
+
+
+def md_section(markdown: str, title: str) -> str:
+    # from the '### title...' heading to the next heading
+    start = markdown.index(f"### {title}")
+    end = markdown.find("\n### ", start)
+    return markdown[start:end if end >= 0 else len(markdown)]
+
+
+def fewest_logs(folder: Path) -> Path:
+    # dense: 3 runs of 800 steps at 90 ms; MoE E32 at 110 ms a step: 640 misses; 680 reaches by one run (a lead);
+    # 690 reaches by the mean of 3 but not significantly; 695 significantly but with 2 runs; 700 is the record
+    write_step_runs(folder, "dense", 800, DENSE, 90)
+    for steps, losses in [(640, [4.079, 4.081, 4.080]), (680, [4.053]), (690, [4.040, 4.066, 4.055]),
+                          (695, [4.0460, 4.0470]), (700, [4.047, 4.049, 4.046]), (760, [4.040, 4.042, 4.041])]:
+        write_step_runs(folder, "moe", steps, losses, 110, MOE)
+    return folder
+
+
+def test_one_sided_welch_p_value_matches_the_formula():
+    moe = [4.047, 4.049, 4.046]
+    expected = one_sided_welch(moe, DENSE)
+    assert expected == pytest.approx(0.0037186, abs=1e-7)
+    assert logger.welch_p(moe, DENSE, "less") == pytest.approx(expected, rel=1e-9)
+    assert logger.welch_p(DENSE, moe, "less") == pytest.approx(1 - expected, rel=1e-9)
+
+
+def test_fewest_finds_the_record_and_the_lead(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "fewest", "--md", fewest_logs(tmp_path))
+    assert code == 0, err
+    target, dense_s = statistics.mean(DENSE), statistics.mean(800 * 0.09 + 0.05 * i for i in range(3))
+    assert f"target: {target:.4f}, the mean final val loss of 3 dense runs of 800 steps" in out
+    rows = {steps: table_row(out, str(steps)) for steps in (640, 680, 690, 695, 700, 760)}
+    moe_700 = [4.047, 4.049, 4.046]
+    time_700 = statistics.mean(700 * 0.11 + 0.05 * i for i in range(3))
+    assert rows[700][1:] == ["3", f"{statistics.mean(moe_700):.4f} ± {statistics.stdev(moe_700):.4f}",
+                             f"{one_sided_welch(moe_700, DENSE):.4f}", "yes", "77.05 ± 0.05", "0.875",
+                             f"{time_700 / dense_s:.3f}"]
+    assert rows[640][4] == "no" and rows[680][1:5] == ["1", "4.0530", "-", "yes"]
+    assert float(rows[690][3]) > 0.05 and rows[690][4] == "yes", "reached by the mean, not significantly"
+    assert float(rows[695][3]) < 0.05 and rows[695][1] == "2", "significant, but with 2 runs"
+    assert (f"fewest steps to {target:.4f}: **700** (3 runs, p = {one_sided_welch(moe_700, DENSE):.4f}): "
+            f"0.875x dense's steps, {time_700 / dense_s:.3f}x its train time.") in out
+    assert (f"fewest steps whose mean reaches it: 680 (1 run, a lead): 0.850x dense's steps, "
+            f"{680 * 0.11 / dense_s:.3f}x its train time.") in out
+    assert "### MoE E32 top-4 + 1 shared" in out
+
+
+def test_fewest_groups_configs_and_leaves_incomplete_runs_out(tmp_path, capsys):
+    write_step_runs(tmp_path, "dense", 800, DENSE, 90)
+    write_step_runs(tmp_path, "e8", 700, [4.070, 4.072, 4.071], 100, {"num_experts": 8, "top_k": 1})
+    write_step_runs(tmp_path, "e32", 700, [4.047, 4.049, 4.046], 110, MOE)
+    write_log(tmp_path / "e32_700_died.txt", [(0, 0, 10.8), (350, 38500, 4.3)], 700, {"seed": 9, **MOE},
+              complete=False)
+    write_resumed_log(tmp_path / "e32_700_resumed.txt", 350, None, [(350, 0, 4.3), (700, 38000, 4.0)], 700)
+    resumed = tmp_path / "e32_700_resumed.txt"
+    resumed.write_text(resumed.read_text().replace('"num_experts": 0, "top_k": 2',
+                                                   '"num_experts": 32, "top_k": 4, "shared_experts": 1'))
+    code, out, err = run_cli(capsys, "fewest", "--md", tmp_path)
+    assert code == 0, err
+    e8, e32 = (md_section(out, title) for title in ("MoE E8 top-1 (", "MoE E32 top-4 + 1 shared ("))
+    assert table_row(e8, "700")[1:3] == ["3", "4.0710 ± 0.0010"] and table_row(e8, "700")[4] == "no"
+    assert float(table_row(e8, "700")[3]) > 0.99
+    assert "no step count reaches 4.0550 with >= 3 runs and p < 0.05" in e8
+    assert table_row(e32, "700")[1:3] == ["3 (+1 incomplete, +1 partial)", "4.0473 ± 0.0015"]
+    assert "fewest steps to 4.0550: **700**" in e32
+
+
+def test_fewest_takes_the_reference_it_is_given(tmp_path, capsys):
+    # the reference may be any runs, an MoE too; a dense run outside it is a candidate like any other
+    write_step_runs(tmp_path / "ref", "e8", 800, DENSE, 100, {"num_experts": 8, "top_k": 1})
+    write_step_runs(tmp_path / "runs", "dense", 700, [4.050, 4.052, 4.051], 90)
+    code, out, err = run_cli(capsys, "fewest", "--md", "--reference", tmp_path / "ref", tmp_path)
+    assert code == 0, err
+    assert "3 dense runs of 800 steps" in out and "### dense" in out
+    assert table_row(out, "700")[1:2] + table_row(out, "700")[4:5] == ["3", "yes"]
+
+
+@pytest.mark.parametrize("dense, other, message", [
+    (DENSE[:2], None, "the target needs the final val loss of >= 3 complete dense runs, found 2"),
+    (DENSE[:2], ("short", 700, {}), "the dense runs have different lengths (NUM_ITERATIONS 800 in"),
+    (DENSE[:2], ("other", 800, {"val_tokens": 262144}), "differ (val_tokens None vs 262144)"),
+    (DENSE, ("wide", 700, {**MOE, "train_batch_tokens": 98304}),
+     "runs another benchmark than the dense runs (train_batch_tokens 98304 vs 49152)"),
+])
+def test_fewest_refuses_a_target_it_cannot_trust(tmp_path, capsys, dense, other, message):
+    write_step_runs(tmp_path, "dense", 800, dense, 90)
+    write_step_runs(tmp_path, "moe", 700, [4.05], 110, MOE)
+    if other:
+        write_step_runs(tmp_path, other[0], other[1], [4.06], 90, other[2])
+    code, out, err = run_cli(capsys, "fewest", tmp_path)
+    assert code == 1 and out == "" and err.startswith("logger.py: error: ") and message in err, err
+
+
+def test_fewest_without_candidates_says_what_to_pass(tmp_path, capsys):
+    write_step_runs(tmp_path, "dense", 800, DENSE, 90)
+    code, out, err = run_cli(capsys, "fewest", tmp_path)
+    assert code == 1 and out == "" and "no runs to set against the dense ones: pass the MoE logs" in err
+
+
+# -----------------------------------------------------------------------------
 # plot
 
 def test_plots_are_valid_pngs(tmp_path, capsys):
@@ -363,7 +485,7 @@ def test_records_errors_name_the_culprit(tmp_path, capsys, breakage, message):
 # -----------------------------------------------------------------------------
 # Command line: help, errors, lazy imports
 
-@pytest.mark.parametrize("command", ["summary", "compare", "plot", "records"])
+@pytest.mark.parametrize("command", ["summary", "compare", "fewest", "plot", "records"])
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit:
         logger.main([command, "--help"])
