@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # The mini speedrun of shared/BENCHMARK.md on one GPU: record-21 recipe scaled to 800 steps of 49,152 tokens on
-# wikiblogs. Usage: [NUM_EXPERTS=8 ...] bench/mini.sh [DATA_DIR]   (midi: NUM_ITERATIONS=2000 VAL_LOSS_EVERY=250
-# TRAIN_SHARDS='[1-5]'). Any other setting passes through the environment.
+# wikiblogs. Usage: [NUM_EXPERTS=8 ...] bench/mini.sh [--check] [DATA_DIR]   (midi: NUM_ITERATIONS=2000
+# VAL_LOSS_EVERY=250 TRAIN_SHARDS='[1-5]'; --check: check the settings and shards only). Settings pass through.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,4s/^# \{0,1\}//p' "$0"; exit 0 ;;
+esac
+check=0
+[[ ${1:-} == --check ]] && { check=1; shift; }
 root=$(cd "$(dirname "$0")/.." && pwd)
-data=$(cd "${1:-$root/data/wikiblogs}" && pwd)
+dir=${1:-$root/data/wikiblogs}
+[[ -d $dir ]] || { echo "mini.sh: error: data folder $dir does not exist; pass DATA_DIR or stage the corpus" \
+                        "(../shared/tools/stage_data.sh ../shared/data data/wikiblogs)" >&2; exit 2; }
+data=$(cd "$dir" && pwd)
 export TRAIN_FILES="$data/wikiblogs_train_00000${TRAIN_SHARDS:-[12]}.bin"
 export VAL_FILES="$data/wikiblogs_val_000000.bin"
 export NUM_ITERATIONS=${NUM_ITERATIONS:-800} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-100} VAL_TOKENS=${VAL_TOKENS:-4718592}
 export TRAIN_SEQ_LEN=49152 TRAIN_BATCH_TOKENS=49152
 unset TRAIN_SHARDS
+[[ $check == 0 ]] || exec python3 "$root/train_gpt.py" --check
 exec torchrun --standalone --nproc_per_node=1 "$root/train_gpt.py"

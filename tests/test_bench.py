@@ -1,0 +1,141 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+FEWEST = ROOT / "bench" / "fewest_steps.sh"
+MULTI = ROOT / "bench" / "multi.sh"
+SETTINGS = ("NUM_EXPERTS", "TOP_K", "SHARED_EXPERTS", "NUM_ITERATIONS", "SEED", "RUN_ID", "LOG_DIR",
+            "CUDA_VISIBLE_DEVICES", "MINI_SH", "NPROC")
+
+# a stand-in for bench/mini.sh: records when it ran on which GPU with which settings, and writes a log in
+# train_gpt.py's format whose final val loss falls with the steps (the MoE reaches 4.055 at 700 steps)
+MINI = """#!{python}
+import json, os, sys, time
+env, calls = os.environ, os.environ["CALLS"]
+record = {{k: env.get(k) for k in {settings!r}}} | {{"args": sys.argv[1:], "start": time.monotonic()}}
+if sys.argv[1:2] == ["--check"]:
+    open(f"{{calls}}/checks.jsonl", "a").write(json.dumps(record) + "\\n")
+    sys.exit(2 if env.get("NUM_EXPERTS") == "bad" else 0)
+time.sleep(0.25)
+steps, seed, experts = int(env["NUM_ITERATIONS"]), int(env["SEED"]), int(env.get("NUM_EXPERTS", "0"))
+loss = 4.055 + 0.002 * (seed - 1) + (0.0004 * (700 - steps) - 0.004 if experts else 0)
+config = dict(num_iterations=steps, num_experts=experts, top_k=int(env.get("TOP_K", "2")), seed=seed,
+              train_batch_tokens=49152, run_id=env["RUN_ID"])
+run = dict(run_id=env["RUN_ID"], world_size=1, device="NVIDIA H200")
+lines = ["print('source')", "=" * 100, f"run: {{json.dumps(run)}}", f"config: {{json.dumps(config)}}",
+         f"step:0/{{steps}} val_loss:10.8258 train_time:0ms step_avg:nanms",
+         f"step:{{steps}}/{{steps}} val_loss:{{loss:.4f}} train_time:{{steps * 100}}ms step_avg:100.00ms",
+         "peak memory allocated: 100 MiB reserved: 120 MiB"]
+failed = env["RUN_ID"] == env.get("FAIL_RUN")
+with open(os.path.join(env["LOG_DIR"], env["RUN_ID"] + ".txt"), "w") as f:
+    f.write("\\n".join(lines[:-1] if failed else lines) + "\\n")
+record["end"] = time.monotonic()
+open(f"{{calls}}/runs.jsonl", "a").write(json.dumps(record) + "\\n")
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.fixture
+def stub(tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    mini = tmp_path / "mini.py"
+    mini.write_text(MINI.format(python=sys.executable, settings=SETTINGS))
+    mini.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return dict(calls=calls, env=env | dict(MINI_SH=str(mini), CALLS=str(calls), CUDA_VISIBLE_DEVICES="3,5"))
+
+
+def fewest(stub, *args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(FEWEST), *args], env=stub["env"] | env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def records(stub, name: str) -> list[dict]:
+    path = stub["calls"] / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+MOE = ["NUM_EXPERTS=32", "TOP_K=4"]
+
+
+def test_queue_runs_each_run_once_and_one_at_a_time_per_gpu(stub, tmp_path):
+    out = tmp_path / "logs"
+    r = fewest(stub, "--runs", "3", "--out", str(out), "640", "700", "760", *MOE)
+    assert r.returncode == 0, r.stderr
+    runs = records(stub, "runs.jsonl")
+    expected = {f"dense_800_s{s}" for s in range(3)} | {f"moe_{n}_s{s}" for n in (640, 700, 760) for s in range(3)}
+    assert sorted(run["RUN_ID"] for run in runs) == sorted(expected), "every run once"
+    assert {run["CUDA_VISIBLE_DEVICES"] for run in runs} == {"3", "5"}, "one GPU each, only the visible ones"
+    for gpu in ("3", "5"):
+        spans = sorted((run["start"], run["end"]) for run in runs if run["CUDA_VISIBLE_DEVICES"] == gpu)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"GPU {gpu} ran two at once"
+    starts = sorted(run["start"] for run in runs)
+    assert any(other["start"] < run["start"] < other["end"] for run in runs for other in runs), "GPUs run at once"
+    for run in runs:
+        dense = run["RUN_ID"].startswith("dense")
+        assert (run["NUM_EXPERTS"], run["TOP_K"]) == ((None, None) if dense else ("32", "4"))
+        assert run["NUM_ITERATIONS"] == run["RUN_ID"].split("_")[1] and run["SEED"] == run["RUN_ID"][-1]
+        assert run["LOG_DIR"] == str(out) and run["MINI_SH"] is None
+    checks = records(stub, "checks.jsonl")
+    assert sorted((c["NUM_EXPERTS"] or "-", c["NUM_ITERATIONS"]) for c in checks) == [("-", "800"), ("32", "760")]
+    assert max(c["start"] for c in checks) < starts[0], "the settings are checked before any run"
+    assert "fewest steps to 4.0550: **700**" in r.stdout and "0.875x dense's steps" in r.stdout
+    assert (out / "fewest.md").read_text().startswith("### Fewest steps to dense's loss")
+
+
+def test_rerun_skips_finished_runs_and_adds_seeds(stub, tmp_path):
+    out = tmp_path / "logs"
+    assert fewest(stub, "--out", str(out), "700", *MOE).returncode == 0
+    r = fewest(stub, "--runs", "2", "--out", str(out), "700", *MOE)
+    assert r.returncode == 0, r.stderr
+    assert [run["RUN_ID"] for run in records(stub, "runs.jsonl")][4:] == ["moe_700_s1"]
+    assert "dense_800_s0 is done already" in r.stdout
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(stub, tmp_path):
+    r = fewest(stub, "--out", str(tmp_path / "logs"), "640", "700", *MOE, FAIL_RUN="moe_640_s0")
+    assert r.returncode == 1
+    assert "moe_640_s0 failed (exit 1)" in r.stderr and len(records(stub, "runs.jsonl")) == 5
+    assert "640    0 (+1 incomplete)" in r.stdout
+    r = fewest(stub, "--out", str(tmp_path / "logs"), "640", *MOE)
+    assert r.returncode == 2 and "moe_640_s0.txt is the log of an unfinished run" in r.stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["64O"], {}, "'64O' is neither a step count"),
+    ([], {}, "no step counts given"),
+    (["--runs", "0", "700"], {}, "--runs 0 must be a positive integer"),
+    (["700", "SEED=3"], {}, "SEED=3: this script sets SEED per run"),
+    (["700"], {"NUM_EXPERTS": "8"}, "NUM_EXPERTS=8 is in the environment"),
+    (["700"], {"NUM_ITERATIONS": "8"}, "NUM_ITERATIONS=8 is in the environment"),
+    (["700", "NUM_EXPERTS=bad"], {}, "the moe runs' settings are refused"),
+    (["700"], {"CUDA_VISIBLE_DEVICES": ""}, "no GPU found"),
+])
+def test_bad_input_is_one_error_line_before_any_run(stub, tmp_path, args, env, message):
+    smi = tmp_path / "stubs" / "nvidia-smi"  # a machine without GPUs: nvidia-smi -L lists none
+    smi.parent.mkdir()
+    smi.write_text("#!/usr/bin/env bash\nexit 9\n")
+    smi.chmod(0o755)
+    env["PATH"] = f"{smi.parent}{os.pathsep}{stub['env']['PATH']}"
+    r = fewest(stub, "--out", str(tmp_path / "logs"), *args, **env)
+    assert r.returncode == 2 and message in r.stderr and "fewest_steps.sh: error: " in r.stderr, r.stderr
+    assert records(stub, "runs.jsonl") == []
+
+
+def test_help_and_dry_run(stub, tmp_path):
+    r = subprocess.run([str(FEWEST), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("Usage:") and "--dense-steps" in r.stdout
+    r = fewest(stub, "--dry-run", "--dense", "1", "--runs", "2", "--out", str(tmp_path / "logs"), "640", "700")
+    assert r.returncode == 0 and not (tmp_path / "logs").exists()
+    assert r.stdout.splitlines()[1:] == ["dense_800_s0 800 0 dense", "moe_700_s0 700 0 moe", "moe_640_s0 640 0 moe",
+                                         "moe_700_s1 700 1 moe", "moe_640_s1 640 1 moe"]
