@@ -2,11 +2,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import train_gpt
 from conftest import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +141,66 @@ def test_help_and_dry_run(stub, tmp_path):
     assert r.returncode == 0 and not (tmp_path / "logs").exists()
     assert r.stdout.splitlines()[1:] == ["dense_800_s0 800 0 dense", "moe_700_s0 700 0 moe", "moe_640_s0 640 0 moe",
                                          "moe_700_s1 700 1 moe", "moe_640_s1 640 1 moe"]
+
+
+# -----------------------------------------------------------------------------
+# bench/multi.sh, against stand-ins for torchrun and nvidia-smi
+
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$CALLS/torchrun.args"
+env > "$CALLS/torchrun.env"
+"""
+
+
+@pytest.fixture(scope="module")
+def wikiblogs(tmp_path_factory):
+    # 5 train shards of 3 x 98,304 tokens: 2 steps each on 2 GPUs, as the last needs one more token for its targets;
+    # and a val shard that just holds 4,194,304 + 1
+    data = tmp_path_factory.mktemp("wikiblogs")
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        write_shard(data / f"wikiblogs_train_00000{i}.bin", rng.integers(0, 50257, 3 * 98304))
+    write_shard(data / "wikiblogs_val_000000.bin", rng.integers(0, 50257, 4194304 + 1))
+    return data
+
+
+def multi(tmp_path, data, **env) -> tuple[subprocess.CompletedProcess, dict]:
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    for folder in (stubs, calls):
+        folder.mkdir(exist_ok=True)
+    (stubs / "torchrun").write_text(RECORDER)
+    (stubs / "nvidia-smi").write_text("#!/usr/bin/env bash\nfor i in 0 1; do echo \"GPU $i: NVIDIA H200 (UUID: GPU-$i)\"; done\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    names = {f.name.upper() for f in fields(train_gpt.Hyperparameters)} | set(SETTINGS)
+    base = {k: v for k, v in os.environ.items() if k not in names}
+    base["PATH"] = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), base.get("PATH", "")])
+    r = subprocess.run(["bash", str(MULTI), str(data)], cwd=tmp_path, env=base | {"CALLS": str(calls)} | env,
+                       capture_output=True, text=True, timeout=120)
+    launched = calls / "torchrun.env"
+    return r, dict(line.split("=", 1) for line in launched.read_text().splitlines() if "=" in line) \
+        if launched.exists() else {}
+
+
+@pytest.mark.parametrize("env, nproc, steps", [
+    ({}, 2, 2 * 5 * 2),  # every GPU found; two passes of 5 shards x 2 steps
+    ({"NPROC": "1"}, 1, 2 * 5 * 5),  # 49,152 tokens a step: 5 steps a shard
+    ({"NPROC": "2", "NUM_ITERATIONS": "7"}, 2, 7),
+])
+def test_multi_runs_49152_tokens_per_gpu_for_two_passes(tmp_path, wikiblogs, env, nproc, steps):
+    r, launched = multi(tmp_path, wikiblogs, **env)
+    assert r.returncode == 0, r.stderr
+    assert f"--nproc_per_node={nproc}" in (tmp_path / "calls" / "torchrun.args").read_text().split()
+    assert launched["TRAIN_BATCH_TOKENS"] == str(49152 * nproc) and launched["TRAIN_SEQ_LEN"] == "49152"
+    assert launched["NUM_ITERATIONS"] == str(steps) and launched["VAL_TOKENS"] == "4194304"
+    assert launched["TRAIN_FILES"] == f"{wikiblogs}/wikiblogs_train_00000[1-5].bin"
+
+
+def test_multi_names_missing_shards_and_gpus(tmp_path, wikiblogs):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "wikiblogs_train_000001.bin").write_bytes((wikiblogs / "wikiblogs_train_000001.bin").read_bytes())
+    r, launched = multi(tmp_path, partial)
+    assert r.returncode == 2 and "holds 1 of the train shards" in r.stderr and not launched
+    r, launched = multi(tmp_path, wikiblogs, NPROC="two")
+    assert r.returncode == 2 and "NPROC=two must be a positive integer" in r.stderr and not launched
