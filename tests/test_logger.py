@@ -464,6 +464,29 @@ def test_records_table_is_written_between_the_markers(tmp_path, capsys):
     assert out.strip() == text[text.index("| track"):text.index(logger.RECORDS_END)].strip()
 
 
+def test_a_fewest_steps_record_on_the_h200_tracks(tmp_path, capsys):
+    # the runs at the claimed step count sit at the top of the folder; the search, dense reference included, in
+    # search/: the records table reads the top, fewest the whole folder (records/README.md)
+    records = tmp_path / "records"
+    for track, name in (("1xH200_wikiblogs_mini", "2026-11-30_MoE32Top4"), ("2xH200_wikiblogs_multi", "2026-11-30_Dense")):
+        (records / track / name).mkdir(parents=True)
+        (records / track / name / "README.md").write_text(f"# {name}\n\nWhat it bought.\n")
+    mini = records / "1xH200_wikiblogs_mini" / "2026-11-30_MoE32Top4"
+    write_step_runs(mini, "moe", 700, [4.047, 4.049, 4.046], 110, MOE)
+    write_step_runs(mini / "search", "dense", 800, DENSE, 90)
+    write_step_runs(mini / "search", "moe", 640, [4.079, 4.081, 4.080], 110, MOE)
+    write_step_runs(records / "2xH200_wikiblogs_multi" / "2026-11-30_Dense", "dense", 2030, [3.7, 3.71], 95)
+    code, out, err = run_cli(capsys, "records", "--dir", records)
+    assert code == 0, err
+    time_700 = statistics.mean(700 * 0.11 + 0.05 * i for i in range(3))
+    assert table_row(out, "wikiblogs_mini")[:5] == ["wikiblogs_mini", "1xH200", "MoE E32 top-4 + 1 shared",
+                                                    f"{time_700 / 60:.3f} min", "4.0473"]
+    assert table_row(out, "wikiblogs_multi")[:5] == ["wikiblogs_multi", "2xH200", "dense",
+                                                     f"{(2030 * 0.095 + 0.025) / 60:.3f} min", "3.7050"]
+    code, out, err = run_cli(capsys, "fewest", "--md", mini)
+    assert code == 0 and "fewest steps to 4.0550: **700** (3 runs" in out and table_row(out, "640")[4] == "no"
+
+
 BASELINE = Path("8xH100_FineWeb") / "2024-11-16_Baseline"
 
 
