@@ -353,6 +353,14 @@ def welch_p(a: list[float], b: list[float], alternative: str = "two-sided") -> f
     return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
 
 
+def runs_cell(runs: list[Run]) -> str:
+    # the complete runs, which the statistics use, then the others by status: "3 (+1 incomplete)"
+    left_out = [run.status for run in runs if not run.complete]
+    counts = ", ".join(f"+{left_out.count(status)} {status}" for status in sorted(set(left_out)))
+    complete = sum(run.complete for run in runs)
+    return f"{complete} ({counts})" if left_out else str(complete)
+
+
 def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     if pattern is not None:
@@ -406,9 +414,7 @@ def compare_report(groups: dict[str, list[Run]], target: float | None, markdown:
         header += ["Welch p loss", "Welch p time"]
     rows = []
     for label, runs in complete.items():
-        left_out = [run.status for run in groups[label] if not run.complete]
-        counts = ", ".join(f"+{left_out.count(status)} {status}" for status in sorted(set(left_out)))
-        row = [label, f"{len(runs)} ({counts})" if left_out else str(len(runs)),
+        row = [label, runs_cell(groups[label]),
                fmt_mean_std(losses[label], ".4f"), fmt_mean_std(times[label], ".2f")]
         if target is not None:
             reached = [hit[0] / 1000 for hit in (time_to_target(run, target) for run in runs) if hit]
@@ -498,14 +504,68 @@ def check_reference(reference: list[Run], ignore: set[str]) -> list[Run]:
     return complete
 
 
-def fewest_step_count(rows: list[dict], record: bool) -> dict | None:
+@dataclass
+class StepCount:
+    steps: int
+    runs: list[Run]  # every run of this NUM_ITERATIONS, complete or not
+    losses: list[float]  # final val loss of the complete ones
+    times: list[float]  # their train time, s
+    p: float | None  # one-sided Welch t-test that their mean loss is below the dense runs'
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.losses) if self.losses else None
+
+    @property
+    def time(self) -> float | None:
+        return statistics.mean(self.times) if self.times else None
+
+
+def step_counts(runs: list[Run], dense_losses: list[float]) -> list[StepCount]:
+    counts = []
+    for steps in sorted({run.num_iterations for run in runs}):
+        at = [run for run in runs if run.num_iterations == steps]
+        losses = [run.final_loss for run in at if run.complete]
+        counts.append(StepCount(steps, at, losses, [run.train_time_ms / 1000 for run in at if run.complete],
+                                welch_p(losses, dense_losses, "less")))
+    return counts
+
+
+def fewest_step_count(counts: list[StepCount], target: float, record: bool) -> StepCount | None:
     # the fewest steps whose mean reaches the target; a record also needs RECORD_RUNS runs and p < RECORD_P
-    for row in rows:
-        if record and (row["n"] < RECORD_RUNS or row["p"] is None or not row["p"] < RECORD_P):
+    for count in counts:
+        if record and (len(count.losses) < RECORD_RUNS or count.p is None or not count.p < RECORD_P):
             continue
-        if row["n"] and row["mean"] <= row["target"]:
-            return row
+        if count.losses and count.mean <= target:
+            return count
     return None
+
+
+def step_count_table(counts: list[StepCount], target: float, dense_steps: int, dense_time: float,
+                     markdown: bool) -> str:
+    header = ["steps", "runs", "val loss", "p(loss < target)", "reached", "train time [s]", "steps / dense",
+              "time / dense"]
+    rows = [[str(count.steps), runs_cell(count.runs), fmt_mean_std(count.losses, ".4f"), fmt_p(count.p),
+             "-" if count.mean is None else "yes" if count.mean <= target else "no",
+             fmt_mean_std(count.times, ".2f"), f"{count.steps / dense_steps:.3f}",
+             fmt(None if count.time is None else count.time / dense_time, ".3f")] for count in counts]
+    return render(header, rows, markdown)
+
+
+def fewest_verdict(counts: list[StepCount], target: float, dense_steps: int, dense_time: float) -> str:
+    record, lead = fewest_step_count(counts, target, record=True), fewest_step_count(counts, target, record=False)
+    if record:
+        lines = [f"- fewest steps to {target:.4f}: **{record.steps}** ({len(record.losses)} runs, p = "
+                 f"{fmt_p(record.p)}): {record.steps / dense_steps:.3f}x dense's steps, "
+                 f"{record.time / dense_time:.3f}x its train time."]
+    else:
+        lines = [f"- no step count reaches {target:.4f} with >= {RECORD_RUNS} runs and p < {RECORD_P}."]
+    if lead and lead is not record:
+        n = len(lead.losses)
+        kind = "a lead" if n < RECORD_RUNS else f"p = {fmt_p(lead.p)}, not significant"
+        lines.append(f"- fewest steps whose mean reaches it: {lead.steps} ({n} run{'s' if n > 1 else ''}, {kind}): "
+                     f"{lead.steps / dense_steps:.3f}x dense's steps, {lead.time / dense_time:.3f}x its train time.")
+    return "\n".join(lines)
 
 
 def fewest_report(reference: list[Run], candidates: list[Run], ignore: set[str], markdown: bool) -> str:
@@ -530,49 +590,18 @@ def fewest_report(reference: list[Run], candidates: list[Run], ignore: set[str],
         f"- A record needs >= {RECORD_RUNS} runs at its step count and p < {RECORD_P}; "
         "a step count whose mean alone reaches the target is a lead.",
         "- Mean ± sample std over complete runs; incomplete and partial runs are counted in brackets, left out."])]
-    header = ["steps", "runs", "val loss", "p(loss < target)", "reached", "train time [s]", "steps / dense",
-              "time / dense"]
     # a group is named by its model, then by the settings in which the groups differ
     groups = {model_name(runs[0]) + ("" if label == "same config" else f" ({label})"): runs
               for label, runs in group_runs(candidates, "config", None, ignore | {"num_iterations"}).items()}
     for label, runs in groups.items():
-        rows, table = [], []
-        for steps in sorted({run.num_iterations for run in runs}):
-            at = [run for run in runs if run.num_iterations == steps]
-            complete = [run for run in at if run.complete]
-            losses = [run.final_loss for run in complete]
-            times = [run.train_time_ms / 1000 for run in complete]
-            row = dict(steps=steps, n=len(complete), target=target, p=welch_p(losses, dense_losses, "less"),
-                       mean=statistics.mean(losses) if losses else None,
-                       time=statistics.mean(times) if times else None)
-            rows.append(row)
-            left_out = [run.status for run in at if not run.complete]
-            counts = ", ".join(f"+{left_out.count(status)} {status}" for status in sorted(set(left_out)))
-            table.append([str(steps), f"{len(complete)} ({counts})" if left_out else str(len(complete)),
-                          fmt_mean_std(losses, ".4f"), fmt_p(row["p"]),
-                          "-" if row["mean"] is None else "yes" if row["mean"] <= target else "no",
-                          fmt_mean_std(times, ".2f"), f"{steps / dense_steps:.3f}",
-                          fmt(None if row["time"] is None else row["time"] / dense_time, ".3f")])
-        record, lead = fewest_step_count(rows, record=True), fewest_step_count(rows, record=False)
-        lines = []
-        if record:
-            lines.append(f"- fewest steps to {target:.4f}: **{record['steps']}** ({record['n']} runs, p = "
-                         f"{fmt_p(record['p'])}): {record['steps'] / dense_steps:.3f}x dense's steps, "
-                         f"{record['time'] / dense_time:.3f}x its train time.")
-        else:
-            lines.append(f"- no step count reaches {target:.4f} with >= {RECORD_RUNS} runs and p < {RECORD_P}.")
-        if lead and lead is not record:
-            kind = "a lead" if lead["n"] < RECORD_RUNS else f"p = {fmt_p(lead['p'])}, not significant"
-            lines.append(f"- fewest steps whose mean reaches it: {lead['steps']} ({lead['n']} run"
-                         f"{'s' if lead['n'] > 1 else ''}, {kind}): {lead['steps'] / dense_steps:.3f}x dense's steps, "
-                         f"{lead['time'] / dense_time:.3f}x its train time.")
-        out += [heading(label, markdown), render(header, table, markdown), "\n".join(lines)]
+        counts = step_counts(runs, dense_losses)
+        out += [heading(label, markdown), step_count_table(counts, target, dense_steps, dense_time, markdown),
+                fewest_verdict(counts, target, dense_steps, dense_time)]
 
-    run_rows = [["dense (target)", run.run_id, run.status, f"{run.last_step}/{fmt(run.num_iterations)}",
-                 fmt(run.final_loss, ".4f"), fmt(run.train_time_ms / 1000, ".2f")] for run in reference]
-    run_rows += [[label, run.run_id, run.status, f"{run.last_step}/{fmt(run.num_iterations)}",
-                  fmt(run.final_loss, ".4f"), fmt(run.train_time_ms / 1000, ".2f")]
-                 for label, runs in groups.items() for run in sorted(runs, key=lambda r: r.num_iterations or 0)]
+    listed = [("dense (target)", run) for run in reference]
+    listed += [(label, run) for label, runs in groups.items() for run in sorted(runs, key=lambda r: r.num_iterations)]
+    run_rows = [[label, run.run_id, run.status, f"{run.last_step}/{fmt(run.num_iterations)}",
+                 fmt(run.final_loss, ".4f"), fmt(run.train_time_ms / 1000, ".2f")] for label, run in listed]
     out += [heading("Runs", markdown),
             render(["group", "run", "status", "steps", "val loss", "train time [s]"], run_rows, markdown)]
     return "\n\n".join(out)
