@@ -204,3 +204,9 @@ def test_multi_names_missing_shards_and_gpus(tmp_path, wikiblogs):
     assert r.returncode == 2 and "holds 1 of the train shards" in r.stderr and not launched
     r, launched = multi(tmp_path, wikiblogs, NPROC="two")
     assert r.returncode == 2 and "NPROC=two must be a positive integer" in r.stderr and not launched
+
+
+@pytest.mark.parametrize("script", ["mini.sh", "multi.sh", "fewest_steps.sh"])
+def test_every_bench_script_has_help(script):
+    r = subprocess.run([str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "Usage: " in r.stdout and r.stderr == ""
