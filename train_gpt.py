@@ -436,6 +436,10 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         self.rank, self.world_size = rank, world_size
         compile = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
+        if compiled:
+            # one graph per group's stack shape: past dynamo's default of 8 a function falls back to eager silently
+            # (seen in bench/muon_step.py, whose variants share one compiled frame)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.orthogonalize, self.momentum_stack = compile(orthogonalize), compile(momentum_stack)
         self.momentum = torch.zeros(len(groups), device=params[0].device)
         # per group: the widest share and where each rank's rows land; kept out of param_groups, which
