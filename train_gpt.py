@@ -402,6 +402,10 @@ def momentum_stack(grads: list[Tensor], bufs: list[Tensor], momentum: Tensor) ->
         buf.lerp_(g, 1 - momentum)
     return torch.cat([g.lerp(buf, momentum).bfloat16().view(-1, m, n) for g, buf in zip(grads, bufs)])
 
+def grad_or_zeros(p: Tensor) -> Tensor:
+    # a parameter the forward did not use has no gradient: it counts as zero, so every rank sends and steps alike
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
 def split_stack(total: int, cost: float, load: list[float]) -> list[int]:
     # how many of a group's `total` matrices each rank owns: shares differ by at most one, and the larger shares go
     # to the ranks with the least work so far (`load`, updated in place), so the ranks end balanced by FLOPs
@@ -429,7 +433,7 @@ class Muon(torch.optim.Optimizer):
         def key(p: Tensor) -> tuple[int, int, bool]:
             return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1), id(p) in lr_mults
 
-        # a param with a multiplier is in a group of its own whatever the value, so a checkpoint fits any value
+        # a param with a multiplier is in a group of its own whatever the value, so a checkpoint resumes with any
         groups = [dict(params=[p for p in params if key(p) == k], matrix=k[:2],
                        lr=lr * (lr_mults[id(next(p for p in params if key(p) == k))] if k[2] else 1))
                   for k in sorted(set(map(key, params)))]
@@ -466,7 +470,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, reduced=None):
         # a matrix without a gradient (unused in the forward) steps on a zero one, so every rank's share stays put
-        reduced = reduced or (lambda p: (p.grad if p.grad is not None else torch.zeros_like(p)).view(-1)[slice(*self.owned(p))])
+        reduced = reduced or (lambda p: grad_or_zeros(p).view(-1)[slice(*self.owned(p))])
         pending = []
         for group, (width, targets), momentum in zip(self.param_groups, self.plans, self.momentum):
             m, n = group["matrix"]
@@ -498,8 +502,8 @@ class Muon(torch.optim.Optimizer):
                                 [gathered[r, j:j + t.size(0)] for r, j, t in targets], alpha=scale)
 
 # -----------------------------------------------------------------------------
-# Several ranks: bf16 gradients reduce-scattered in buckets under the backward, each matrix and Adam parameter
-# updated by its owner only, then all_gathered
+# Several ranks, GRAD_REDUCE=reduce_scatter: gradients reduce-scattered in buckets, each matrix and Adam parameter
+# updated by its owner only, then all_gathered (all_reduce, the default, uses Muon's owners only)
 
 class ShardedAdamW(torch.optim.AdamW):
     # AdamW in which each parameter has one owner rank (largest first, each to the rank with the fewest elements so
@@ -605,9 +609,7 @@ class GradientReducer:
 
     def launch(self, b: int):
         buffer, pack = self.packs[b]
-        # a parameter the forward did not use has no gradient: it contributes zeros
-        torch._foreach_copy_([dst for *_, dst in pack],
-                             [(p.grad if p.grad is not None else torch.zeros_like(p)).view(-1)[s:e] for p, s, e, _ in pack])
+        torch._foreach_copy_([dst for *_, dst in pack], [grad_or_zeros(p).view(-1)[s:e] for p, s, e, _ in pack])
         self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], buffer, async_op=True))
 
     def finish(self):
@@ -1610,12 +1612,26 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
+def load_optimizer_states(optimizers: list, states: list[dict]):
+    # the state (moments, momentum buffers) continues; the settings (learning rates, EXPERT_LR_MULT, NS_STEPS) are
+    # this run's, not the ones load_state_dict would copy from the checkpoint's groups
+    for opt, state in zip(optimizers, states):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, own in zip(opt.param_groups, settings):
+            group.update(own)
+
 def check_settings(ckpt: dict, args: Hyperparameters, world_size: int):
     # a checkpoint resumes only into the architecture it was trained with, and on as many ranks (each rank's
     # optimizer state covers what that rank owns)
     if ckpt["world_size"] != world_size:
         raise ConfigError(f"RESUME={args.resume} was written by {ckpt['world_size']} processes and this run has "
-                          f"{world_size}: the optimizer state is split by rank; resume on {ckpt['world_size']} GPUs")
+                          f"{world_size}: the optimizer state is split by rank; resume on {ckpt['world_size']} processes")
+    was, now = ckpt["args"].get("grad_reduce", "all_reduce"), args.grad_reduce
+    if world_size > 1 and (was in GRAD_REDUCE_DTYPES) != (now in GRAD_REDUCE_DTYPES):
+        raise ConfigError(f"RESUME={args.resume} was trained with GRAD_REDUCE={was}, whose Adam state is "
+                          f"{'split by' if was in GRAD_REDUCE_DTYPES else 'whole on each'} rank; resume with "
+                          f"GRAD_REDUCE={was}")
     arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
             "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
     changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
@@ -1647,6 +1663,9 @@ def load_checkpoint(args: Hyperparameters, world_size: int) -> dict:
         raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint ({reason}); it is truncated or "
                           f"not a checkpoint: resume from another one") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing == ["world_size"]:
+        raise ConfigError(f"RESUME={args.resume} was written before checkpoints held each rank's optimizer state "
+                          f"and cannot be resumed by this version; resume it with the train_gpt.py in its run's log")
     if missing:
         raise ConfigError(f"RESUME={args.resume} is not a checkpoint of train_gpt.py (it has no '{missing[0]}'); "
                           f"give one that SAVE_EVERY or SAVE_CHECKPOINT wrote")
@@ -1752,8 +1771,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     if ckpt:
         check_checkpoint(ckpt, args, model, world_size)
         model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"][rank]):
-            opt.load_state_dict(state)
+        load_optimizer_states(optimizers, ckpt["optimizers"][rank])
         train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda":
@@ -1799,7 +1817,9 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if reducer:
             reducer.finish()
         elif world_size > 1:
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+            for p in model.parameters():
+                p.grad = grad_or_zeros(p)  # the same collectives on every rank, whatever each one's forward used
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
             for h in handles:
                 h.wait()
         optimizer_step(step)

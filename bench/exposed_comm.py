@@ -39,7 +39,7 @@ def minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tu
 
 
 def exposed(events: list[dict]) -> dict:
-    kernels = [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") == "kernel"]
+    kernels = [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") == "kernel" and "ts" in ev and "dur" in ev]
     if not kernels:
         raise SystemExit("error: the trace holds no GPU kernels; profile on a GPU (PROFILE_STEPS=N)")
     comm = union([(ev["ts"], ev["ts"] + ev["dur"]) for ev in kernels if "nccl" in ev["name"].lower()])
@@ -61,7 +61,13 @@ def main():
             trace = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot read {opts.trace} as a trace ({e}); give the _trace.json that PROFILE_STEPS wrote")
-    r = exposed(trace["traceEvents"] if isinstance(trace, dict) else trace)
+    events = trace.get("traceEvents") if isinstance(trace, dict) else trace
+    if not isinstance(events, list) or not all(isinstance(ev, dict) for ev in events):
+        sys.exit(f"error: {opts.trace} is JSON but not a Chrome trace (no list of events under traceEvents); give "
+                 f"the _trace.json that PROFILE_STEPS wrote")
+    if opts.steps < 0:
+        sys.exit(f"error: --steps {opts.steps} must be the number of profiled steps (PROFILE_STEPS), or 0")
+    r = exposed(events)
     per = f", per step {r['span_ms'] / opts.steps:.2f} ms span, {r['exposed_ms'] / opts.steps:.2f} ms exposed" \
         if opts.steps else ""
     print(f"span {r['span_ms']:.1f} ms, kernels busy {r['compute_ms']:.1f} ms, NCCL {r['comm_ms']:.1f} ms, "

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -71,8 +72,9 @@ stack, vector = torch.nn.Parameter(torch.randn(5, 8, 24) * 0.2), torch.nn.Parame
 muon = tg.Muon(layers + [stack], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
 adam = tg.ShardedAdamW([dict(params=[vector], lr=0.1)], rank=rank, world_size=world)
 order = list(reversed(layers)) + [stack, vector]
+# two parameters a bucket: [layer 2, layer 1], [layer 0, the stack split over the ranks], [vector]
 reducer = tg.GradientReducer(order, muon.ranges | adam.ranges, rank, world, getattr(torch, {dtype!r}),
-                             bucket_bytes=24 * 24 * 4)
+                             bucket_bytes=2 * 24 * 24 * 4)
 events = []
 launch = reducer.launch
 reducer.launch = lambda b: (events.append(("launch", b)), launch(b))
@@ -136,7 +138,7 @@ def test_each_rank_receives_the_summed_gradient_of_what_it_owns(tmp_path, world,
 
 
 def test_buckets_go_out_during_the_backward(tmp_path):
-    # bucket 0 (the last layer, whose gradient is final first) is sent before the first layer's gradient exists
+    # bucket 0 (the last two layers, whose gradients are final first) is sent before the first layer's exists
     events = [tuple(e) for e in run_reducer(tmp_path, 2, "float32")[0]["events"]]
     first_layer = 2  # order = reversed(layers): index 2 is layers[0], the last gradient of the chain
     last_micro = events[events.index(("arm", -1)):]
@@ -202,3 +204,45 @@ def test_exposed_communication_is_nccl_time_not_covered_by_compute():
     r = exposed_comm.exposed(events)
     assert r["span_ms"] == pytest.approx(0.300) and r["comm_ms"] == pytest.approx(0.140)
     assert r["compute_ms"] == pytest.approx(0.190) and r["exposed_ms"] == pytest.approx(0.060)
+
+
+def test_resume_keeps_the_optimizer_state_and_takes_this_runs_settings():
+    args = tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
+                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
+                              num_value_embeds=1)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    before = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for opt in before:
+        opt.step()
+    states = [opt.state_dict() for opt in before]
+    after = tg.build_optimizers(model, dataclasses.replace(args, expert_lr_mult=0.5, head_lr=0.01, ns_steps=3),
+                                0, 1, torch.device("cpu"))
+    tg.load_optimizer_states(after, states)
+    moe = model.blocks[0].mlp
+    muon = after[1]
+    expert_group = next(g for g in muon.param_groups if any(p is moe.w1 for p in g["params"]))
+    assert expert_group["initial_lr"] == expert_group["lr"] == args.muon_lr * 0.5 and expert_group["ns_steps"] == 3
+    head_group = next(g for g in after[0].param_groups if any(p is model.lm_head.weight for p in g["params"]))
+    assert head_group["initial_lr"] == 0.01
+    torch.testing.assert_close(muon.state[moe.w1]["momentum_buffer"], before[1].state[moe.w1]["momentum_buffer"])
+
+
+def test_resume_refuses_another_adam_sharding():
+    args = tg.Hyperparameters(resume="old.pt", grad_reduce="all_reduce")
+    ckpt = dict(world_size=2, args=dataclasses.asdict(dataclasses.replace(args, grad_reduce="reduce_scatter")))
+    with pytest.raises(tg.ConfigError, match="trained with GRAD_REDUCE=reduce_scatter, whose Adam state is split by "
+                                             "rank; resume with GRAD_REDUCE=reduce_scatter"):
+        tg.check_settings(ckpt, args, 2)
+    tg.check_settings(ckpt, dataclasses.replace(args, grad_reduce="reduce_scatter_fp32"), 2)  # same sharding
+    tg.check_settings(dict(ckpt, world_size=1), args, 1)  # one process: nothing is split
+
+
+def test_exposed_comm_refuses_what_is_not_a_trace(tmp_path):
+    for text in ('{"foo": 1}', "[1, 2]"):
+        (tmp_path / "t.json").write_text(text)
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
