@@ -382,6 +382,18 @@ def test_fewest_refuses_a_target_it_cannot_trust(tmp_path, capsys, dense, other,
     assert code == 1 and out == "" and err.startswith("logger.py: error: ") and message in err, err
 
 
+def test_fewest_target_is_the_mean_of_the_complete_dense_runs(tmp_path, capsys):
+    # skewed dense losses (mean 4.0570, median 4.0510) and a dense run that died early, which must not count
+    dense = [4.050, 4.051, 4.070]
+    write_step_runs(tmp_path, "dense", 800, dense, 90)
+    write_log(tmp_path / "dense_800_died.txt", [(0, 0, 10.8), (400, 36000, 4.0)], 800, {"seed": 9}, complete=False)
+    write_step_runs(tmp_path, "moe", 700, [4.054, 4.055, 4.056], 110, MOE)
+    code, out, err = run_cli(capsys, "fewest", "--md", tmp_path)
+    assert code == 0, err
+    assert f"target: {statistics.mean(dense):.4f}, the mean final val loss of 3 dense runs of 800 steps" in out
+    assert table_row(out, "700")[4] == "yes"  # 4.0550 is below the mean, above the median
+
+
 def test_fewest_without_candidates_says_what_to_pass(tmp_path, capsys):
     write_step_runs(tmp_path, "dense", 800, DENSE, 90)
     code, out, err = run_cli(capsys, "fewest", tmp_path)
