@@ -533,8 +533,10 @@ class ShardedAdamW(torch.optim.AdamW):
         # with several ranks the parameters are all_gathered asynchronously: finish() waits and copies them in
         for group in self.param_groups:
             for p in group["params"]:
-                mine = self.owner[id(p)] == self.rank
-                p.grad = reduced(p).view_as(p).to(p.dtype) if mine and reduced is not None else p.grad if mine else None
+                if self.owner[id(p)] != self.rank:
+                    p.grad = None  # AdamW skips it: its owner steps it
+                elif reduced is not None:
+                    p.grad = reduced(p).view_as(p).to(p.dtype)
         super().step()
         if self.world_size == 1:
             return
@@ -1690,12 +1692,10 @@ def main(env: dict | None = None, check_only: bool = False):
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
     ckpt = load_checkpoint(args, world_size) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if args.num_experts and args.moe_kernel == "triton" and not triton_runs_on(device):
-        raise ConfigError(f"MOE_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
-                          f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use MOE_KERNEL=torch")
-    if args.matrix_optimizer == "muon" and args.ns_kernel == "triton" and not triton_runs_on(device):
-        raise ConfigError(f"NS_KERNEL=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
-                          f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use NS_KERNEL=torch")
+    for knob, used in (("MOE_KERNEL", args.num_experts), ("NS_KERNEL", args.matrix_optimizer == "muon")):
+        if used and getattr(args, knob.lower()) == "triton" and not triton_runs_on(device):
+            raise ConfigError(f"{knob}=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
+                              f"Triton's interpreter runs it, under TRITON_INTERPRET=1, slowly); use {knob}=torch")
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
     val_files = find_shards(args.val_files, "VAL_FILES")
@@ -1792,6 +1792,17 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             window_cache[b] = torch.tensor(b, dtype=torch.int32, device=device)
         return window_cache[b]
 
+    def reduce_gradients():
+        # after the last micro-step: each rank's ranges (GRAD_REDUCE=reduce_scatter) or every gradient, summed
+        if reducer:
+            reducer.finish()
+        elif world_size > 1:
+            for p in model.parameters():
+                p.grad = grad_or_zeros(p)  # the same collectives on every rank, whatever each one's forward used
+            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
+            for h in handles:
+                h.wait()
+
     def optimizer_step(step: int):
         for opt in optimizers:
             for group in opt.param_groups:
@@ -1814,14 +1825,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             ce, aux = step_model(inputs, targets, window)
             ((ce + aux) / (len(batch) * world_size)).backward()  # the reduction sums: this makes it the mean
             total += ce.detach()
-        if reducer:
-            reducer.finish()
-        elif world_size > 1:
-            for p in model.parameters():
-                p.grad = grad_or_zeros(p)  # the same collectives on every rank, whatever each one's forward used
-            handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
-            for h in handles:
-                h.wait()
+        reduce_gradients()
         optimizer_step(step)
         return total / len(batch)
 
