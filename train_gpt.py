@@ -1990,5 +1990,8 @@ if __name__ == "__main__":
     try:
         main(check_only=cli.check)
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # every rank of a node checks the same settings and shards (CheckpointError: rank 0 only): one line per node;
+        # torchrun then adds its own report of the failed processes and exits 1
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

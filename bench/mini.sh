@@ -18,5 +18,7 @@ export VAL_FILES="$data/wikiblogs_val_000000.bin"
 export NUM_ITERATIONS=${NUM_ITERATIONS:-800} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-100} VAL_TOKENS=${VAL_TOKENS:-4718592}
 export TRAIN_SEQ_LEN=49152 TRAIN_BATCH_TOKENS=49152
 unset TRAIN_SHARDS
-[[ $check == 0 ]] || exec python3 "$root/train_gpt.py" --check
+# one process checks first, as run.sh does: a refusal is one error line and exit 2, not torchrun's failure report
+python3 "$root/train_gpt.py" --check || exit
+[[ $check == 0 ]] || exit 0
 exec torchrun --standalone --nproc_per_node=1 "$root/train_gpt.py"

@@ -210,3 +210,22 @@ def test_multi_names_missing_shards_and_gpus(tmp_path, wikiblogs):
 def test_every_bench_script_has_help(script):
     r = subprocess.run([str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "Usage: " in r.stdout and r.stderr == ""
+
+
+def test_mini_checks_the_settings_before_torchrun(tmp_path, wikiblogs):
+    # a refused setting is one error line and exit 2, as through run.sh, not torchrun's report of a failed process
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    for folder in (stubs, calls):
+        folder.mkdir()
+    (stubs / "torchrun").write_text(RECORDER)
+    (stubs / "torchrun").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(train_gpt.Hyperparameters)}}
+    base["PATH"] = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), base.get("PATH", "")])
+    for bad, name in ((dict(NUM_EXPERTS="-1"), "NUM_EXPERTS"), (dict(NUM_EXPERTS="4", TOP_K="5"), "TOP_K")):
+        r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], cwd=tmp_path,
+                           env=base | bad | {"CALLS": str(calls)}, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert name in r.stderr and not (calls / "torchrun.args").exists()
+    r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], cwd=tmp_path,
+                       env=base | {"CALLS": str(calls), "VAL_TOKENS": "4194304"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--nproc_per_node=1" in (calls / "torchrun.args").read_text().split(), r.stderr

@@ -246,3 +246,15 @@ def test_exposed_comm_refuses_what_is_not_a_trace(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
                            capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+# -----------------------------------------------------------------------------
+# a refused setting under a raw torchrun: one error line for the node, not one per process
+
+@pytest.mark.parametrize("bad", [dict(NUM_EXPERTS=-1), dict(NUM_EXPERTS=4, TOP_K=5)])
+def test_torchrun_prints_a_refused_setting_once(shards, tmp_path, bad):
+    proc = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path, **bad), 2, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and list(bad)[-1] in errors[0], proc.stderr
+    assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr  # torchrun's status for a worker that exited 2
+    assert not (tmp_path / "logs").exists()
