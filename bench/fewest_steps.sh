@@ -23,7 +23,7 @@ Options:
   --dense-steps N   the dense runs' NUM_ITERATIONS (default 800, the mini's)
   --out DIR         folder of the logs (default logs/fewest_<UTC date and time>)
   --data DIR        the wikiblogs shards, passed to bench/mini.sh (default: its own, data/wikiblogs)
-  --dry-run         print the GPUs and the queue, run nothing
+  --dry-run         check each configuration's settings and shards, print the GPUs and the queue, run nothing
   -h, --help        this text
 
 Exit status: 2 for bad input (before any run), 1 when a run failed, else that of logger.py.
@@ -102,26 +102,28 @@ for entry in "${queue[@]}"; do
     fi
 done
 
-echo "fewest_steps.sh: ${#todo[@]} runs on GPUs ${gpus[*]:-none}, logs in $out; settings under test: ${settings[*]:-none}"
-if [[ $dry_run == 1 ]]; then
-    printf '%s\n' "${todo[@]}"
-    exit 0
-fi
-
 run_env() {  # sets the caller's env_cmd to the environment of a run of $1 steps, seed $2, kind $3 (dense or moe)
     env_cmd=(env -u MINI_SH NUM_ITERATIONS="$1" SEED="$2" LOG_DIR="$out")
     [[ $3 == dense ]] || env_cmd+=("${settings[@]}")
 }
 
-# one check per configuration, before any GPU work: a bad setting is one error line, not one failed run per GPU
+# one check per configuration, also on --dry-run, before any GPU work: a bad setting is one error line naming the
+# configuration, not one failed run per GPU
 checks=("$(printf '%s\n' "${steps[@]}" | sort -rn | head -1) 0 moe")
 [[ $dense == 0 ]] || checks+=("$dense_steps 0 dense")
 for check in "${checks[@]}"; do
     read -r n seed kind <<<"$check"
     run_env "$n" "$seed" "$kind"
+    [[ $kind == dense ]] && config="the environment's only" || config=${settings[*]:-none}
     "${env_cmd[@]}" "$mini" --check ${data:+"$data"} >/dev/null \
-        || { echo "fewest_steps.sh: error: the $kind runs' settings are refused (above)" >&2; exit 2; }
+        || fail "the $kind runs' settings ($config) are refused (above); fix them and run again"
 done
+
+echo "fewest_steps.sh: ${#todo[@]} runs on GPUs ${gpus[*]:-none}, logs in $out; settings under test: ${settings[*]:-none}"
+if [[ $dry_run == 1 ]]; then
+    printf '%s\n' "${todo[@]}"
+    exit 0
+fi
 
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT

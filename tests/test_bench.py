@@ -120,7 +120,8 @@ def test_a_failed_run_is_reported_and_the_others_finish(stub, tmp_path):
     (["700", "SEED=3"], {}, "SEED=3: this script sets SEED per run"),
     (["700"], {"NUM_EXPERTS": "8"}, "NUM_EXPERTS=8 is in the environment"),
     (["700"], {"NUM_ITERATIONS": "8"}, "NUM_ITERATIONS=8 is in the environment"),
-    (["700", "NUM_EXPERTS=bad"], {}, "the moe runs' settings are refused"),
+    (["700", "NUM_EXPERTS=bad"], {}, "the moe runs' settings (NUM_EXPERTS=bad) are refused"),
+    (["--dry-run", "700", "NUM_EXPERTS=bad", "TOP_K=4"], {}, "the moe runs' settings (NUM_EXPERTS=bad TOP_K=4)"),
     (["700"], {"CUDA_VISIBLE_DEVICES": ""}, "no GPU found"),
 ])
 def test_bad_input_is_one_error_line_before_any_run(stub, tmp_path, args, env, message):
@@ -131,7 +132,7 @@ def test_bad_input_is_one_error_line_before_any_run(stub, tmp_path, args, env, m
     env["PATH"] = f"{smi.parent}{os.pathsep}{stub['env']['PATH']}"
     r = fewest(stub, "--out", str(tmp_path / "logs"), *args, **env)
     assert r.returncode == 2 and message in r.stderr and "fewest_steps.sh: error: " in r.stderr, r.stderr
-    assert records(stub, "runs.jsonl") == []
+    assert records(stub, "runs.jsonl") == [] and (not any("=bad" in a for a in args) or records(stub, "checks.jsonl"))
 
 
 def test_help_and_dry_run(stub, tmp_path):
@@ -141,6 +142,9 @@ def test_help_and_dry_run(stub, tmp_path):
     assert r.returncode == 0 and not (tmp_path / "logs").exists()
     assert r.stdout.splitlines()[1:] == ["dense_800_s0 800 0 dense", "moe_700_s0 700 0 moe", "moe_640_s0 640 0 moe",
                                          "moe_700_s1 700 1 moe", "moe_640_s1 640 1 moe"]
+    checks = records(stub, "checks.jsonl")  # each configuration's settings are checked, no run started
+    assert sorted((c["NUM_EXPERTS"] or "-", c["NUM_ITERATIONS"]) for c in checks) == [("-", "700"), ("-", "800")]
+    assert records(stub, "runs.jsonl") == []
 
 
 # -----------------------------------------------------------------------------
@@ -229,3 +233,13 @@ def test_mini_checks_the_settings_before_torchrun(tmp_path, wikiblogs):
     r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], cwd=tmp_path,
                        env=base | {"CALLS": str(calls), "VAL_TOKENS": "4194304"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--nproc_per_node=1" in (calls / "torchrun.args").read_text().split(), r.stderr
+
+
+def test_dry_run_refuses_a_misspelt_setting_through_the_real_check(tmp_path, wikiblogs):
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
+           and k not in SETTINGS}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    r = subprocess.run(["bash", str(FEWEST), "--dry-run", "--data", str(wikiblogs), "700", "NUM_EXPERT=8"],
+                       env=env | dict(VAL_TOKENS="4194304"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "did you mean NUM_EXPERTS?" in r.stderr, r.stderr
+    assert "the moe runs' settings (NUM_EXPERT=8) are refused" in r.stderr and "moe_700_s0" not in r.stdout
