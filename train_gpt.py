@@ -68,7 +68,7 @@ class Hyperparameters:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_method: str = "quintic"  # quintic (Jordan's) | polar_express (a minimax quintic per step) | gram (+ Gram iteration)
     ns_kernel: str = "torch"  # torch | triton (X X^T and A^2 by a kernel that computes half of each product)
-    expert_lr_mult: float = 1.0  # Muon learning rate of the routed experts' matrices, times muon_lr
+    expert_lr_mult: float = 1.0  # learning rate of the routed experts' matrices, times muon_lr (or adamw_lr)
     adamw_lr: float = 0.003  # matrices, when matrix_optimizer=adamw
     adamw_weight_decay: float = 0.0
     head_lr: float = 0.008
@@ -221,6 +221,12 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.ns_method in ("quintic", "polar_express", "gram"),
          f"NS_METHOD={args.ns_method!r}: use quintic, polar_express or gram")
     need(args.ns_kernel in ("torch", "triton"), f"NS_KERNEL={args.ns_kernel!r}: use torch or triton")
+    if args.matrix_optimizer == "adamw":
+        # the Newton-Schulz knobs shape Muon's orthogonalization, which AdamW has none of: a set one would do nothing
+        for f in fields(args):
+            if f.name.startswith("ns_") and getattr(args, f.name) != f.default:
+                raise ConfigError(f"{f.name.upper()}={getattr(args, f.name)} sets Muon's orthogonalization, unused with "
+                                  f"MATRIX_OPTIMIZER=adamw; unset it or use MATRIX_OPTIMIZER=muon")
     need(args.model_dim % 128 == 0 or args.num_experts == 0,
          f"MODEL_DIM={args.model_dim} must be a multiple of 128 with experts (grouped GEMM alignment)")
     need(args.router in ("softmax", "sigmoid", "noisy", "soft"),
@@ -1515,16 +1521,21 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
     if router:
         adam_groups.append(dict(params=router, lr=args.router_lr))
     optimizers = []
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    experts = {id(w) for m in moes for w in (m.w1, m.w2)}
     if args.matrix_optimizer == "adamw":
-        adam_groups.append(dict(params=matrices, lr=args.adamw_lr, weight_decay=args.adamw_weight_decay))
+        adam_groups.append(dict(params=[p for p in matrices if id(p) not in experts], lr=args.adamw_lr,
+                                weight_decay=args.adamw_weight_decay))
+        if experts:
+            adam_groups.append(dict(params=[p for p in matrices if id(p) in experts],
+                                    lr=args.adamw_lr * args.expert_lr_mult, weight_decay=args.adamw_weight_decay))
     else:
-        moes = [m for m in model.modules() if isinstance(m, MoE)]
         # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
         halves = [m.w1 if isinstance(m, MoE) else m.c_fc.weight for m in model.modules()
                   if isinstance(m, (MoE, MLP)) and m.act is swiglu]
         optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
                                rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda",
-                               halves=halves, lr_mults={id(w): args.expert_lr_mult for m in moes for w in (m.w1, m.w2)},
+                               halves=halves, lr_mults=dict.fromkeys(experts, args.expert_lr_mult),
                                orthogonalize=partial(orthogonalize, method=args.ns_method, kernel=args.ns_kernel)))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
     # with GRAD_REDUCE=all_reduce every rank holds every summed gradient and steps every Adam parameter itself

@@ -141,3 +141,20 @@ def test_attention_width_may_differ_where_no_value_embedding_meets_attention(env
 
 def test_profile_steps_that_fit_are_allowed():
     load_config(dict(PROFILE_STEPS="2", NUM_ITERATIONS="7"))  # steps 6 and 7 traced: the last two
+
+
+@pytest.mark.parametrize("knob, value", [("NS_METHOD", "gram"), ("NS_KERNEL", "triton"), ("NS_STEPS", "3")])
+def test_newton_schulz_knobs_are_refused_with_adamw(knob, value):
+    with pytest.raises(ConfigError, match=f"{knob}={value} sets Muon's orthogonalization, unused with "
+                                          "MATRIX_OPTIMIZER=adamw; unset it or use MATRIX_OPTIMIZER=muon"):
+        load_config({"MATRIX_OPTIMIZER": "adamw", knob: value})
+    load_config({"MATRIX_OPTIMIZER": "muon", knob: value})
+    load_config({"MATRIX_OPTIMIZER": "adamw", "NS_STEPS": "5", "EXPERT_LR_MULT": "0.5"})  # the default; AdamW's own
+
+
+def test_cli_refuses_a_newton_schulz_knob_with_adamw_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(Hyperparameters)}}
+    r = subprocess.run([sys.executable, "train_gpt.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                       env=env | dict(MATRIX_OPTIMIZER="adamw", NS_METHOD="polar_express"), timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: NS_METHOD=polar_express") and \
+        len(r.stderr.splitlines()) == 1, r.stderr

@@ -402,8 +402,8 @@ def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_o
                 lr_of[id(p)] = (type(opt).__name__, group["lr"])
     assert set(lr_of) == {id(p) for p in model.parameters()}
     matrix = ("Muon", args.muon_lr) if matrix_optimizer == "muon" else ("ShardedAdamW", args.adamw_lr)
-    # the routed experts' multiplier is Muon's (Adam's matrices keep ADAMW_LR); the shared expert has none
-    expert = ("Muon", args.muon_lr * 1.7) if matrix_optimizer == "muon" else matrix
+    # the routed experts' matrices get EXPERT_LR_MULT x the matrices' learning rate; the shared expert has none
+    expert = (matrix[0], matrix[1] * 1.7)
     moe = model.blocks[0].mlp
     assert lr_of[id(moe.router)] == lr_of[id(moe.router_noise)] == ("ShardedAdamW", 0.0007)
     for p in (moe.w1, moe.w2):
@@ -411,6 +411,24 @@ def test_every_parameter_has_one_optimizer_group_with_its_learning_rate(matrix_o
     for p in (moe.shared.c_fc.weight, moe.shared.c_proj.weight):
         assert lr_of[id(p)] == matrix
     assert lr_of[id(model.lm_head.weight)] == ("ShardedAdamW", args.head_lr)
+
+
+def test_adamw_first_step_moves_the_routed_experts_by_expert_lr_mult_x_adamw_lr():
+    # Adam's first step, bias-corrected, is lr x g / (|g| + eps) = lr x sign(g) per element (eps = 1e-10)
+    args = dataclasses.replace(tiny_gpt_args(), shared_experts=1, matrix_optimizer="adamw", adamw_lr=0.003,
+                               expert_lr_mult=2.5)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    moe = model.blocks[0].mlp
+    watched = dict(expert=moe.w1, shared=moe.shared.c_fc.weight)
+    before = {k: p.detach().clone() for k, p in watched.items()}
+    optimizers[0].step()
+    for name, lr in (("expert", 0.003 * 2.5), ("shared", 0.003)):
+        step = (watched[name].detach() - before[name]).abs()
+        torch.testing.assert_close(step, torch.full_like(step, lr), rtol=0, atol=1e-6)  # fp32 rounding of w - step
 
 
 def test_compiles_without_graph_breaks_or_recompiles():
