@@ -883,9 +883,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")
-    except LogError as error:
+    except LogError as error:  # input it cannot use: exit 2, as argparse's usage errors
         print(f"logger.py: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

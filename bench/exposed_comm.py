@@ -4,7 +4,6 @@
 # Usage: python3 bench/exposed_comm.py LOG_DIR/<run id>_trace.json [--steps N]
 import argparse
 import json
-import sys
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -60,13 +59,13 @@ def main():
         with open(opts.trace) as f:
             trace = json.load(f)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot read {opts.trace} as a trace ({e}); give the _trace.json that PROFILE_STEPS wrote")
+        ap.exit(2, f"error: cannot read {opts.trace} as a trace ({e}); give the _trace.json that PROFILE_STEPS wrote\n")
     events = trace.get("traceEvents") if isinstance(trace, dict) else trace
     if not isinstance(events, list) or not all(isinstance(ev, dict) for ev in events):
-        sys.exit(f"error: {opts.trace} is JSON but not a Chrome trace (no list of events under traceEvents); give "
-                 f"the _trace.json that PROFILE_STEPS wrote")
+        ap.exit(2, f"error: {opts.trace} is JSON but not a Chrome trace (no list of events under traceEvents); give "
+                   f"the _trace.json that PROFILE_STEPS wrote\n")
     if opts.steps < 0:
-        sys.exit(f"error: --steps {opts.steps} must be the number of profiled steps (PROFILE_STEPS), or 0")
+        ap.exit(2, f"error: --steps {opts.steps} must be the number of profiled steps (PROFILE_STEPS), or 0\n")
     r = exposed(events)
     per = f", per step {r['span_ms'] / opts.steps:.2f} ms span, {r['exposed_ms'] / opts.steps:.2f} ms exposed" \
         if opts.steps else ""

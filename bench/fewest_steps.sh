@@ -26,7 +26,7 @@ Options:
   --dry-run         check each configuration's settings and shards, print the GPUs and the queue, run nothing
   -h, --help        this text
 
-Exit status: 2 for bad input (before any run), 1 when a run failed, else that of logger.py.
+Exit status: 2 for bad input (before any run), 1 when a run failed, else that of logger.py (2: it refused the logs).
 MINI_SH replaces bench/mini.sh as the command of each run (the tests' stand-in).
 EOF
 }

@@ -245,7 +245,7 @@ def test_exposed_comm_refuses_what_is_not_a_trace(tmp_path):
         (tmp_path / "t.json").write_text(text)
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
                            capture_output=True, text=True)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def test_fewest_refuses_a_target_it_cannot_trust(tmp_path, capsys, dense, other,
     if other:
         write_step_runs(tmp_path, other[0], other[1], [4.06], 90, other[2])
     code, out, err = run_cli(capsys, "fewest", tmp_path)
-    assert code == 1 and out == "" and err.startswith("logger.py: error: ") and message in err, err
+    assert code == 2 and out == "" and err.startswith("logger.py: error: ") and message in err, err
 
 
 def test_fewest_target_is_the_mean_of_the_complete_dense_runs(tmp_path, capsys):
@@ -397,7 +397,7 @@ def test_fewest_target_is_the_mean_of_the_complete_dense_runs(tmp_path, capsys):
 def test_fewest_without_candidates_says_what_to_pass(tmp_path, capsys):
     write_step_runs(tmp_path, "dense", 800, DENSE, 90)
     code, out, err = run_cli(capsys, "fewest", tmp_path)
-    assert code == 1 and out == "" and "no runs to set against the dense ones: pass the MoE logs" in err
+    assert code == 2 and out == "" and "no runs to set against the dense ones: pass the MoE logs" in err
 
 
 # -----------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def test_records_errors_name_the_culprit(tmp_path, capsys, breakage, message):
     (tmp_path / "README.md").write_text(f"{logger.RECORDS_START}\n{logger.RECORDS_END}\n")
     breakage(records)
     code, out, err = run_cli(capsys, "records", "--dir", records, "--write", tmp_path / "README.md")
-    assert code == 1 and message in err and out == ""
+    assert code == 2 and message in err and out == ""
 
 
 # -----------------------------------------------------------------------------
@@ -528,12 +528,13 @@ def test_every_subcommand_has_help(capsys, command):
     assert exit.value.code == 0 and f"usage: logger.py {command}" in capsys.readouterr().out
 
 
-def test_a_file_that_is_not_a_training_log_exits_non_zero_naming_it(tmp_path):
+def test_a_file_that_is_not_a_training_log_exits_2_naming_it(tmp_path):
+    # bad input exits 2, as argparse's usage errors and the other scripts' do
     bad = tmp_path / "notes.txt"
     bad.write_text("step one: buy GPUs\nrun: python train_gpt.py\n")
     command = [sys.executable, str(ROOT / "logger.py"), "summary", str(FIXTURES / "moe_e8k2.txt"), str(bad)]
     result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"logger.py: error: {bad} is not a training log: it has no "
                              "'step:N/M ... train_time:...ms' lines; "
                              "pass a log written by train_gpt.py or modded-nanogpt\n")
@@ -547,7 +548,7 @@ def test_a_file_that_is_not_a_training_log_exits_non_zero_naming_it(tmp_path):
 def test_unreadable_logs_give_the_documented_error(tmp_path, capsys, content, message):
     (tmp_path / "bad.txt").write_bytes(content)
     code, out, err = run_cli(capsys, "compare", tmp_path / "bad.txt")
-    assert code == 1 and message in err and str(tmp_path / "bad.txt") in err
+    assert code == 2 and message in err and str(tmp_path / "bad.txt") in err
 
 
 def test_missing_paths_and_empty_folders_are_errors(tmp_path, capsys):
