@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +126,31 @@ def test_nesterov_momentum():
 # -----------------------------------------------------------------------------
 # distributed: each rank orthogonalizes a share of the stacked matrices, then all_gather
 
-def muon_steps(rank: int, world_size: int) -> dict:
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "gram"])
+@pytest.mark.parametrize("shape", [(7, 48, 48), (7, 32, 96), (7, 96, 32)])  # square; wide and tall: gram's own path
+def test_a_stack_orthogonalized_in_pieces_equals_it_whole(method, shape):
+    # as Muon's ranks do: contiguous shares of a shape group's stack, the short ones padded with zero matrices. Each
+    # matrix's result must not depend on which others share its batch (a per-stack normalization, or a coefficient
+    # picked by position, would); up to one bf16 unit of the output where a batched product rounds differently
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g[2] *= 100  # matrices of very different scales
+    whole = orthogonalize(g, 5, method).float()
+    for cuts in ([0, 3, 7], [0, 1, 4, 7], [0, 4, 7]):
+        width = max(b - a for a, b in zip(cuts, cuts[1:]))
+        for a, b in zip(cuts, cuts[1:]):
+            padded = torch.cat([g[a:b], g.new_zeros(width - (b - a), *shape[1:])])
+            piece = orthogonalize(padded, 5, method).float()
+            torch.testing.assert_close(piece[:b - a], whole[a:b], rtol=0, atol=2 ** -8 * whole.abs().max().item())
+            assert not piece[b - a:].any(), "the padding stays zero"
+
+
+def muon_steps(rank: int, world_size: int, method: str = "quintic") -> dict:
     # 3 + 1 + 5 matrices in three shape groups: no group divides evenly over 2 ranks
     gen = torch.Generator().manual_seed(0)
     shapes = {"qkv": (3, 32, 16), "single": (16, 48), "experts": (5, 24, 24)}
     params = {k: torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.1) for k, s in shapes.items()}
-    opt = Muon(params.values(), lr=0.05, momentum=0.9, ns_steps=5, rank=rank, world_size=world_size)
+    opt = Muon(params.values(), lr=0.05, momentum=0.9, ns_steps=5, rank=rank, world_size=world_size,
+               orthogonalize=partial(orthogonalize, method=method))
     for _ in range(2):
         for p in params.values():
             p.grad = torch.randn(p.shape, generator=gen)
@@ -144,20 +164,22 @@ sys.path[:0] = [{root!r}, {tests!r}]
 from test_muon import muon_steps
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
-torch.save(muon_steps(rank, 2), f"{out}/rank{{rank}}.pt")
+torch.save(muon_steps(rank, 2, {method!r}), f"{out}/rank{{rank}}.pt")
 dist.destroy_process_group()
 """
 
 
-def test_two_ranks_over_gloo_match_one_process(tmp_path):
-    code = WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), store=tmp_path / "store", out=tmp_path)
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "gram"])
+def test_two_ranks_over_gloo_match_one_process(tmp_path, method):
+    code = WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), store=tmp_path / "store", out=tmp_path,
+                         method=method)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    single = muon_steps(0, 1)
+    single = muon_steps(0, 1, method)
     for r in range(2):
         result = torch.load(tmp_path / f"rank{r}.pt")
         for name, expected in single.items():
