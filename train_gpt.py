@@ -1625,9 +1625,14 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
-def load_optimizer_states(optimizers: list, states: list[dict]):
+def load_optimizer_states(optimizers: list, states: list[dict], source: str):
     # the state (moments, momentum buffers) continues; the settings (learning rates, EXPERT_LR_MULT, NS_STEPS) are
-    # this run's, not the ones load_state_dict would copy from the checkpoint's groups
+    # this run's, not the ones load_state_dict would copy from the checkpoint's groups. Raises ConfigError when the
+    # checkpoint's optimizers group the parameters otherwise (written by another version of train_gpt.py)
+    layout = lambda groups: [len(g["params"]) for g in groups]
+    if [layout(s["param_groups"]) for s in states] != [layout(o.param_groups) for o in optimizers]:
+        raise ConfigError(f"RESUME={source}: its optimizers group the parameters differently from this train_gpt.py's "
+                          f"(it was written by another version); resume with the version that wrote it")
     for opt, state in zip(optimizers, states):
         settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         opt.load_state_dict(state)
@@ -1782,7 +1787,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     if ckpt:
         check_checkpoint(ckpt, args, model, world_size)
         model.load_state_dict(ckpt["model"])
-        load_optimizer_states(optimizers, ckpt["optimizers"][rank])
+        load_optimizer_states(optimizers, ckpt["optimizers"][rank], args.resume)
         train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda":

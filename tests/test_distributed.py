@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import os
@@ -220,7 +221,7 @@ def test_resume_keeps_the_optimizer_state_and_takes_this_runs_settings():
     states = [opt.state_dict() for opt in before]
     after = tg.build_optimizers(model, dataclasses.replace(args, expert_lr_mult=0.5, head_lr=0.01, ns_steps=3),
                                 0, 1, torch.device("cpu"))
-    tg.load_optimizer_states(after, states)
+    tg.load_optimizer_states(after, states, "old.pt")
     moe = model.blocks[0].mlp
     muon = after[1]
     expert_group = next(g for g in muon.param_groups if any(p is moe.w1 for p in g["params"]))
@@ -228,6 +229,22 @@ def test_resume_keeps_the_optimizer_state_and_takes_this_runs_settings():
     head_group = next(g for g in after[0].param_groups if any(p is model.lm_head.weight for p in g["params"]))
     assert head_group["initial_lr"] == 0.01
     torch.testing.assert_close(muon.state[moe.w1]["momentum_buffer"], before[1].state[moe.w1]["momentum_buffer"])
+
+
+def test_resume_refuses_optimizers_grouped_otherwise():
+    # a checkpoint of an older train_gpt.py whose AdamW had no group of its own for the experts
+    args = tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
+                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
+                              num_value_embeds=1, matrix_optimizer="adamw", expert_lr_mult=0.5)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
+    states = [opt.state_dict() for opt in optimizers]
+    merged = copy.deepcopy(states)
+    groups = merged[-1]["param_groups"]
+    groups[-2]["params"] += groups.pop()["params"]
+    with pytest.raises(tg.ConfigError, match=r"RESUME=old.pt: its optimizers group the parameters differently"):
+        tg.load_optimizer_states(optimizers, merged, "old.pt")
+    tg.load_optimizer_states(optimizers, states, "old.pt")
 
 
 def test_resume_refuses_another_adam_sharding():
