@@ -151,11 +151,27 @@ def test_buckets_go_out_during_the_backward(tmp_path):
 # whole runs: 1, 2 and 3 processes with accumulation give the same training
 
 def run_tiny(shards, out, nproc: int, **settings) -> str:
+    # several processes run under bench/trace_collectives.py, and every rank must have issued rank 0's collectives
     out.mkdir(parents=True, exist_ok=True)
     env = tiny_env(shards, out, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, SAVE_CHECKPOINT=1, **settings)
-    proc = launch(ROOT / "train_gpt.py", env, nproc, cwd=out)
+    proc = launch(ROOT / ("bench/trace_collectives.py" if nproc > 1 else "train_gpt.py"), env, nproc, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if nproc > 1:
+        assert_same_collectives(out, nproc, settings.get("GRAD_REDUCE", "all_reduce"))
     return (out / "logs" / "tiny.txt").read_text()
+
+
+def assert_same_collectives(out, nproc: int, grad_reduce: str):
+    # NCCL hangs, or reads past a buffer, where ranks differ in a collective's kind, order, dtype or shape
+    ranks = [[json.loads(line)["call"] for line in (out / f"collectives_rank{r}.jsonl").read_text().splitlines()]
+             for r in range(nproc)]
+    for r in range(1, nproc):
+        pairs = enumerate(zip(ranks[0], ranks[r]))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(ranks[0]), len(ranks[r])))
+        assert ranks[r] == ranks[0], (f"rank {r} parts from rank 0 at collective {first}: {ranks[r][first:first + 1]} "
+                                      f"against {ranks[0][first:first + 1]}")
+    names = {call[0] for call in ranks[0]}
+    assert ("reduce_scatter_tensor" in names) == (grad_reduce != "all_reduce") and "all_gather_into_tensor" in names
 
 
 def val_losses(log: str) -> list[float]:
@@ -177,6 +193,16 @@ def test_three_processes_match_one_with_accumulation(shards, tmp_path, moe):
     assert one[-1] < one[0] - 1
     assert three == pytest.approx(one, abs=2e-4) and all_reduce == pytest.approx(one, abs=2e-4)  # other orders
     assert bf16 == pytest.approx(one, abs=2e-2) and bf16 != three  # bf16 gradients: close, not the same
+
+
+@pytest.mark.parametrize("grad_reduce", ["all_reduce", "reduce_scatter", "reduce_scatter_fp32"])
+def test_two_processes_with_uneven_shares_issue_the_same_collectives(shards, tmp_path, grad_reduce):
+    # 2 ranks: Muon's groups of 3 dense matrices split 2/1, the shared expert's two single matrices leave one rank
+    # nothing in their groups, the Adam parameters split unevenly, 7 buckets; run_tiny compares the ranks' collectives
+    settings = dict(NUM_EXPERTS=3, TOP_K=2, EXPERT_HIDDEN=256, SHARED_EXPERTS=1, MOE_LAYERS=1, BUCKET_MB=1,
+                    TRAIN_BATCH_TOKENS=1024, GRAD_REDUCE=grad_reduce)
+    losses = val_losses(run_tiny(shards, tmp_path, 2, **settings))
+    assert losses[-1] < losses[0] - 1
 
 
 def test_two_process_resume_continues_exactly(shards, tmp_path):
