@@ -557,8 +557,9 @@ class ShardedAdamW(torch.optim.AdamW):
     def finish(self):
         for handle, gathered, theirs in self.pending:
             handle.wait()
-            torch._foreach_copy_([p.detach().view(-1) for p, _ in theirs],
-                                 [gathered[start:start + p.numel()] for p, start in theirs])
+            if theirs:  # empty where this rank owns every parameter of the dtype (NUM_VALUE_EMBEDS=0: bf16 on GPU)
+                torch._foreach_copy_([p.detach().view(-1) for p, _ in theirs],
+                                     [gathered[start:start + p.numel()] for p, start in theirs])
         self.pending = []
 
 class GradientReducer:

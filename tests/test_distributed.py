@@ -104,7 +104,12 @@ dist.destroy_process_group()
 
 
 def run_reducer(tmp_path, world: int, dtype: str) -> list[dict]:
-    code = REDUCER_WORKER.format(root=str(ROOT), store=tmp_path / "store", out_dir=tmp_path, dtype=dtype)
+    return run_workers(tmp_path, world, REDUCER_WORKER.format(root=str(ROOT), store=tmp_path / "store",
+                                                              out_dir=tmp_path, dtype=dtype))
+
+
+def run_workers(tmp_path, world: int, code: str) -> list[dict]:
+    # `world` gloo processes of `code`, each writing rank<r>.json to tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
@@ -145,6 +150,53 @@ def test_buckets_go_out_during_the_backward(tmp_path):
     last_micro = events[events.index(("arm", -1)):]
     assert last_micro.index(("launch", 0)) < last_micro.index(("grad", first_layer))
     assert [b for kind, b in events if kind == "launch"] == sorted(b for kind, b in events if kind == "launch")
+
+
+# -----------------------------------------------------------------------------
+# ShardedAdamW on 2 and 3 gloo processes: fp32 and bf16 parameters (the GPU's embeddings are bf16, the CPU's fp32)
+
+ADAM_WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+rank, world = int(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=world)
+torch.manual_seed(0)
+shapes = [(40, 8), (7,), (30, 8), (3,), (50,), (2, 2)]
+dtypes = [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
+start = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+params = [torch.nn.Parameter(t.clone()) for t in start]
+plain = [torch.nn.Parameter(t.clone()) for t in start]
+groups = lambda ps: [dict(params=ps[:3], lr=0.1), dict(params=ps[3:], lr=0.02)]
+sharded = tg.ShardedAdamW(groups(params), rank=rank, world_size=world, betas=(0.8, 0.95), eps=1e-10)
+reference = torch.optim.AdamW(groups(plain), betas=(0.8, 0.95), eps=1e-10)
+for step in range(3):
+    for p, q in zip(params, plain):
+        p.grad = torch.randn(p.shape).to(p.dtype)  # the same summed gradient on every rank
+        q.grad = p.grad.clone()
+    sharded.step()
+    sharded.finish()
+    reference.step()
+out = dict(start=[t.float().view(-1).tolist() for t in start],
+           params=[p.detach().float().view(-1).tolist() for p in params],
+           reference=[q.detach().float().view(-1).tolist() for q in plain],
+           owned=[sharded.owner[id(p)] == rank for p in params])
+json.dump(out, open(f"{out_dir}/rank{{rank}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_adam_gives_every_rank_each_owners_step_in_both_dtypes(tmp_path, world):
+    ranks = run_workers(tmp_path, world, ADAM_WORKER.format(root=str(ROOT), store=tmp_path / "store",
+                                                            out_dir=tmp_path))
+    assert [sum(owned) for owned in zip(*(r["owned"] for r in ranks))] == [1] * 6, "one owner per parameter"
+    # largest first to the least loaded: on 2 ranks rank 1 owns every bf16 parameter and so receives none of them
+    assert world == 3 or ranks[1]["owned"] == [False, True, True, True, True, True]
+    for r in ranks:
+        # each parameter stepped by its owner as plain AdamW steps it, and copied to the others exactly
+        assert r["params"] == r["reference"]
+        assert all(p != s for p, s in zip(r["params"], r["start"]))
 
 
 # -----------------------------------------------------------------------------
