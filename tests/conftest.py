@@ -102,3 +102,11 @@ def launch(script: Path, settings: dict, nproc: int = 2, cwd: Path = ROOT) -> su
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launcher, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def tiny_gpt_args():
+    # a 2-layer, 128-wide MoE model (4 experts, top-2) for tests that build the model in process
+    import train_gpt as tg
+    return tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
+                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
+                              num_value_embeds=1, train_seq_len=256, val_seq_len=256, window_max=256)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, launch, tiny_env
+from conftest import ROOT, launch, tiny_env, tiny_gpt_args
 import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -286,9 +286,7 @@ def test_exposed_communication_is_nccl_time_not_covered_by_compute():
 
 
 def test_resume_keeps_the_optimizer_state_and_takes_this_runs_settings():
-    args = tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
-                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
-                              num_value_embeds=1)
+    args = tiny_gpt_args()
     torch.manual_seed(0)
     model = tg.GPT(args)
     before = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
@@ -311,9 +309,7 @@ def test_resume_keeps_the_optimizer_state_and_takes_this_runs_settings():
 
 def test_resume_refuses_optimizers_grouped_otherwise():
     # a checkpoint of an older train_gpt.py whose AdamW had no group of its own for the experts
-    args = tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
-                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
-                              num_value_embeds=1, matrix_optimizer="adamw", expert_lr_mult=0.5)
+    args = dataclasses.replace(tiny_gpt_args(), matrix_optimizer="adamw", expert_lr_mult=0.5)
     model = tg.GPT(args)
     optimizers = tg.build_optimizers(model, args, 0, 1, torch.device("cpu"))
     states = [opt.state_dict() for opt in optimizers]

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from conftest import ROOT, launch, newton_schulz_fp64, rel_err, tiny_env
+from conftest import ROOT, launch, newton_schulz_fp64, rel_err, tiny_env, tiny_gpt_args
 import train_gpt as tg
 
 
@@ -366,12 +366,6 @@ def test_muon_lr_scale_uses_expert_shape(m, n):
 
 # -----------------------------------------------------------------------------
 # The MoE inside the GPT: compile, training runs
-
-def tiny_gpt_args() -> tg.Hyperparameters:
-    return tg.Hyperparameters(num_experts=4, top_k=2, model_dim=128, expert_hidden=128, num_layers=2, num_heads=2,
-                              head_dim=64, mlp_hidden=512, no_attn_layers="", long_window_layers="0",
-                              num_value_embeds=1, train_seq_len=256, val_seq_len=256, window_max=256)
-
 
 def test_resume_refuses_a_checkpoint_of_another_architecture():
     args = dataclasses.replace(tiny_gpt_args(), shared_experts=1, expert_hidden=0, resume="old.pt")
