@@ -90,9 +90,10 @@ class Hyperparameters:
     capacity_factor: float = 0.0  # 0 = dropless; else tokens past ceil(cf * T * k / E) per expert are dropped
     moe_kernel: str = "torch"  # torch (permuted copies + torch._grouped_mm) | triton (gather/scatter grouped GEMMs)
     # several GPUs
-    # all_reduce: fp32 gradients all-reduced, every rank steps every Adam parameter (Muon's matrices are split over
-    # the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each parameter stepped by its owner, then
-    # all_gathered | reduce_scatter_fp32: the same in fp32. reduce_scatter has not finished a GPU warmup yet (README)
+    # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
+    # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
+    # parameter stepped by its owner, then all_gathered | reduce_scatter_fp32: the same in fp32. reduce_scatter has not
+    # finished a GPU warmup yet (README)
     grad_reduce: str = "all_reduce"
     bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
     # run
