@@ -92,8 +92,8 @@ class Hyperparameters:
     # several GPUs
     # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
     # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
-    # parameter stepped by its owner, then all_gathered | reduce_scatter_fp32: the same in fp32. reduce_scatter has not
-    # finished a GPU warmup yet (README)
+    # parameter stepped by its owner, then all_gathered | reduce_scatter_fp32: the same in fp32. On 2 H200s
+    # reduce_scatter exposed less communication than all_reduce; its bf16 loss parity is not measured yet (bench/results)
     grad_reduce: str = "all_reduce"
     bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
     # run
@@ -1866,6 +1866,11 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state(rng[1], device)
         torch.cuda.synchronize(device)
+    # each rank compiles on its own, some more slowly (rank 1 finished 11 s after rank 0 on 2 H200s, 2026-11-30): the
+    # clock starts when all are done, else the first timed step waits out the slowest compile
+    if world_size > 1:
+        dist.barrier()
+    if compiled and args.warmup_steps:
         log(f"compile_time: {time.perf_counter() - t_compile:.1f}s")
     for _, m in moes:
         m.reset_stats()

@@ -224,6 +224,10 @@ def assert_same_collectives(out, nproc: int, grad_reduce: str):
                                       f"against {ranks[0][first:first + 1]}")
     names = {call[0] for call in ranks[0]}
     assert ("reduce_scatter_tensor" in names) == (grad_reduce != "all_reduce") and "all_gather_into_tensor" in names
+    # the clock starts after one barrier, when every rank has compiled: before it only the weights' broadcast (the
+    # CPU does not compile, so no warmup steps come first)
+    kinds = [call[0] for call in ranks[0]]
+    assert kinds.count("barrier") == 1 and set(kinds[:kinds.index("barrier")]) == {"broadcast"}
 
 
 def val_losses(log: str) -> list[float]:
