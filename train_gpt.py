@@ -1866,7 +1866,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state(rng[1], device)
         torch.cuda.synchronize(device)
-    # each rank compiles on its own, some more slowly (rank 1 finished 11 s after rank 0 on 2 H200s, 2026-11-30): the
+    # each rank compiles on its own, some more slowly (rank 1 finished 10 s after rank 0 on 2 H200s, 2026-11-30): the
     # clock starts when all are done, else the first timed step waits out the slowest compile
     if world_size > 1:
         dist.barrier()
