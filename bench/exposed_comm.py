@@ -1,9 +1,12 @@
 # Exposed communication in a profiler trace of train_gpt.py (PROFILE_STEPS=N writes <run id>_trace.json): per
 # GPU stream set, the time NCCL kernels run while no other kernel runs, against the traced span. Communication
-# that runs under compute costs (almost) nothing; what this reports is what the step waits on.
-# Usage: python3 bench/exposed_comm.py LOG_DIR/<run id>_trace.json [--steps N]
+# that runs under compute costs (almost) nothing; what this reports is what the step waits on. One line per NCCL
+# kernel (ReduceScatter, AllGather, ...) says which collective it is, then the whole. A .xz trace is read as is.
+# Usage: python3 bench/exposed_comm.py LOG_DIR/<run id>_trace.json[.xz] [--steps N]
 import argparse
 import json
+import lzma
+from collections import defaultdict
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -49,6 +52,21 @@ def exposed(events: list[dict]) -> dict:
                 exposed_ms=length(minus(comm, compute)) / 1e3)
 
 
+def by_kernel(events: list[dict]) -> dict[str, dict]:
+    # per NCCL kernel name (its arguments cut off): launches, GPU time and the part no compute kernel covers. Two
+    # collectives that run at once each count their own time, so the rows may sum to more than exposed()'s total
+    kernels = [ev for ev in events if ev.get("ph") == "X" and ev.get("cat") == "kernel" and "ts" in ev and "dur" in ev]
+    compute = union([(ev["ts"], ev["ts"] + ev["dur"]) for ev in kernels if "nccl" not in ev["name"].lower()])
+    rows = defaultdict(lambda: dict(count=0, ms=0.0, exposed_ms=0.0))
+    for ev in kernels:
+        if "nccl" in ev["name"].lower():
+            row = rows[ev["name"].split("(")[0]]
+            row["count"] += 1
+            row["ms"] += ev["dur"] / 1e3
+            row["exposed_ms"] += length(minus([(ev["ts"], ev["ts"] + ev["dur"])], compute)) / 1e3
+    return dict(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Exposed NCCL time in a train_gpt.py profiler trace: NCCL kernels "
                                  "running while no other kernel runs")
@@ -56,9 +74,9 @@ def main():
     ap.add_argument("--steps", type=int, default=0, help="steps in the trace (PROFILE_STEPS), for per-step figures")
     opts = ap.parse_args()
     try:
-        with open(opts.trace) as f:
+        with (lzma.open if opts.trace.endswith(".xz") else open)(opts.trace, "rt") as f:
             trace = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, lzma.LZMAError) as e:
         ap.exit(2, f"error: cannot read {opts.trace} as a trace ({e}); give the _trace.json that PROFILE_STEPS wrote\n")
     events = trace.get("traceEvents") if isinstance(trace, dict) else trace
     if not isinstance(events, list) or not all(isinstance(ev, dict) for ev in events):
@@ -67,6 +85,10 @@ def main():
     if opts.steps < 0:
         ap.exit(2, f"error: --steps {opts.steps} must be the number of profiled steps (PROFILE_STEPS), or 0\n")
     r = exposed(events)
+    steps = opts.steps or 1
+    for name, row in sorted(by_kernel(events).items(), key=lambda kv: -kv[1]["exposed_ms"]):
+        print(f"{name}: {row['count']} launches, {row['ms'] / steps:.2f} ms, {row['exposed_ms'] / steps:.2f} ms exposed"
+              + (" per step" if opts.steps else ""))
     per = f", per step {r['span_ms'] / opts.steps:.2f} ms span, {r['exposed_ms'] / opts.steps:.2f} ms exposed" \
         if opts.steps else ""
     print(f"span {r['span_ms']:.1f} ms, kernels busy {r['compute_ms']:.1f} ms, NCCL {r['comm_ms']:.1f} ms, "
