@@ -2,17 +2,23 @@
 # <out>/collectives_rank<R>.jsonl, one line per torch.distributed call train_gpt.py makes, written as it is made:
 # the call (name, each tensor argument's dtype and shape, the reduce op, src/dst), the thread that made it and the
 # seconds since the start. With --stacks-every S, every S seconds each thread's Python stack is appended to
-# <out>/stacks_rank<R>.txt (where a stalled rank waits). NCCL hangs where ranks differ in a collective's kind, order,
-# dtype or shape; gloo forgives some of these (equal byte counts), so tests/test_distributed.py compares the records.
+# <out>/stacks_rank<R>.txt (where a stalled rank waits), taken by a Python thread that holds the GIL:
+# faulthandler.dump_traceback_later walks the frames without it, and killed rank 0 of a 2-GPU run with SIGSEGV while
+# dynamo was tracing (2026-11-30). A thread that holds the GIL in C code delays a dump until it lets go; torch lets go
+# in its blocking waits (synchronize, item, NCCL's waits). NCCL hangs where ranks differ in a collective's kind,
+# order, dtype or shape; gloo forgives some of these (equal byte counts), so tests/test_distributed.py compares the
+# records.
 # Usage: [settings] torchrun --nproc_per_node=N bench/trace_collectives.py [--out DIR] [--stacks-every S]
 import argparse
 import faulthandler
 import json
+import math
 import os
 import runpy
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,8 +42,8 @@ def signature(value):
     return None
 
 
-def record_collectives(path: Path):
-    out, lock, start = open(path, "w"), threading.Lock(), time.perf_counter()
+def record_collectives(path: Path, start: float):
+    out, lock = open(path, "w"), threading.Lock()
 
     def recorded(name, fn):
         def call(*args, **kwargs):
@@ -54,24 +60,60 @@ def record_collectives(path: Path):
         setattr(dist, name, recorded(name, getattr(dist, name)))
 
 
+def dump_stacks(out, start: float):
+    # every other thread's Python stack, read by the interpreter with the GIL held (faulthandler reads it without)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    frames = sys._current_frames()
+    out.write(f"--- {time.perf_counter() - start:.1f} s\n")
+    for ident, frame in frames.items():
+        if ident != threading.get_ident():
+            out.write(f"Thread {names.get(ident, '<no Python thread>')} ({ident}), most recent call last:\n")
+            out.write("".join(traceback.format_stack(frame)))
+    out.flush()
+
+
+def start_stack_dumps(seconds: float, path: Path, start: float):
+    # dumps to path every `seconds` on a daemon thread; returns the function that stops it after its current dump
+    out, stop = open(path, "w"), threading.Event()
+
+    def dump_until_stopped():
+        with out:
+            while not stop.wait(seconds):
+                dump_stacks(out, start)
+
+    thread = threading.Thread(target=dump_until_stopped, name="stack dumps", daemon=True)
+    thread.start()
+
+    def stop_dumps():
+        stop.set()
+        thread.join()
+    return stop_dumps
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run train_gpt.py (settings from the environment, as always) and "
                                      "record each rank's collectives, and optionally its threads' stacks.")
     parser.add_argument("--out", default=".", help="folder of collectives_rank<R>.jsonl and stacks_rank<R>.txt")
     parser.add_argument("--stacks-every", type=float, default=0, metavar="S",
-                        help="append every thread's Python stack every S seconds (0 = never)")
+                        help="append every thread's Python stack every S seconds (0 = never), taken by a Python "
+                        "thread with the GIL (faulthandler's timed dump segfaulted a rank while dynamo traced); a "
+                        "thread holding the GIL in C code delays a dump until it lets go")
     cli = parser.parse_args()
-    if cli.stacks_every < 0:
-        sys.exit(f"error: --stacks-every {cli.stacks_every} must not be negative (0 = never)")
+    if not (math.isfinite(cli.stacks_every) and cli.stacks_every >= 0):
+        parser.exit(2, f"error: --stacks-every {cli.stacks_every:g} must be a number of seconds, 0 or more (0 = never)\n")
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
-    rank = os.environ.get("RANK", "0")
-    record_collectives(out / f"collectives_rank{rank}.jsonl")
-    if cli.stacks_every:
-        faulthandler.dump_traceback_later(cli.stacks_every, repeat=True, file=open(out / f"stacks_rank{rank}.txt", "w"))
+    rank, start = os.environ.get("RANK", "0"), time.perf_counter()
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGABRT) still prints every thread's stack to stderr as it dies
+    record_collectives(out / f"collectives_rank{rank}.jsonl", start)
+    stacks = out / f"stacks_rank{rank}.txt"
+    stop_dumps = start_stack_dumps(cli.stacks_every, stacks, start) if cli.stacks_every else lambda: None
     script = Path(__file__).resolve().parents[1] / "train_gpt.py"
     sys.argv = [str(script)]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        stop_dumps()  # no dump while the interpreter shuts down
 
 
 if __name__ == "__main__":

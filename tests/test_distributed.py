@@ -1,10 +1,14 @@
+import _thread
 import copy
 import dataclasses
 import json
 import lzma
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "bench"))
 import exposed_comm
+import trace_collectives
 
 
 # -----------------------------------------------------------------------------
@@ -359,6 +364,47 @@ def test_exposed_comm_refuses_what_is_not_a_trace(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
                            capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+# -----------------------------------------------------------------------------
+# bench/trace_collectives.py --stacks-every: every thread's stack, from a Python thread (faulthandler's segfaulted)
+
+def parked_by_name(release):
+    release.wait()
+
+
+def parked_without_a_name(lock):
+    lock.acquire()
+
+
+def test_stack_dumps_hold_every_thread_by_name_every_period(tmp_path):
+    release, lock = threading.Event(), _thread.allocate_lock()
+    lock.acquire()
+    threading.Thread(target=parked_by_name, args=(release,), name="parked-1", daemon=True).start()
+    _thread.start_new_thread(parked_without_a_name, (lock,))  # threading does not know it: no name
+    path, start = tmp_path / "stacks.txt", time.perf_counter()
+    stop = trace_collectives.start_stack_dumps(0.2, path, start)
+    while len(re.findall(r"^--- ", path.read_text(), flags=re.M)) < 2 and time.perf_counter() < start + 30:
+        time.sleep(0.05)
+    stop()
+    release.set()
+    lock.release()
+    dumps = re.split(r"^--- ", path.read_text(), flags=re.M)[1:]  # each after its header '--- T s' (stacks indented)
+    assert len(dumps) >= 2
+    for dump in dumps:
+        seconds, threads = dump.split(" s\n", 1)
+        assert float(seconds) >= 0.2
+        by_name = {t.split(" (")[0]: t for t in ("\n" + threads).split("\nThread ")[1:]}
+        assert {"MainThread", "parked-1", "<no Python thread>"} <= set(by_name) and "stack dumps" not in by_name
+        assert "in test_stack_dumps_hold_every_thread_by_name_every_period" in by_name["MainThread"]
+        assert "in parked_by_name" in by_name["parked-1"] and "in parked_without_a_name" in by_name["<no Python thread>"]
+
+
+def test_trace_collectives_refuses_a_negative_period(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_collectives.py"), "--stacks-every", "-1",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --stacks-every -1 ") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists(), "refused before anything ran"
 
 
 # -----------------------------------------------------------------------------
