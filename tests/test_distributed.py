@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import json
 import lzma
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from conftest import ROOT, launch, tiny_env, tiny_gpt_args
 import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "bench"))
+import comm_bytes
 import exposed_comm
 import trace_collectives
 
@@ -265,6 +267,18 @@ def test_two_processes_with_uneven_shares_issue_the_same_collectives(shards, tmp
                     TRAIN_BATCH_TOKENS=1024, GRAD_REDUCE=grad_reduce)
     losses = val_losses(run_tiny(shards, tmp_path, 2, **settings))
     assert losses[-1] < losses[0] - 1
+    if grad_reduce != "all_reduce":
+        # bench/comm_bytes.py's count is what the ranks sent: a ring reduce-scatter sends (n - 1) / n of its input
+        # from each rank, an all_gather (n - 1) times its input; 4 steps, no other call of these two
+        itemsize = {"torch.float32": 4, "torch.bfloat16": 2}
+        sent = 0
+        for line in (tmp_path / "collectives_rank0.jsonl").read_text().splitlines():
+            name, *tensors = json.loads(line)["call"]
+            if name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+                (dtype, shape), = [t for t in tensors if isinstance(t, list)][1:]  # the input, after the output
+                sent += math.prod(shape) * itemsize[dtype] * (1 / 2 if name == "reduce_scatter_tensor" else 1)
+        counted = comm_bytes.comm_bytes(tg.load_config(tiny_env(shards, tmp_path, **settings)), 2, "cpu")
+        assert sent / 4 == counted["reduce_scatter"] + counted["adam_gather"] + counted["muon_gather"]
 
 
 def test_two_process_resume_continues_exactly(shards, tmp_path):
