@@ -310,7 +310,8 @@ def test_exposed_communication_is_nccl_time_not_covered_by_compute():
     rows = exposed_comm.by_kernel(events + [kernel("ncclDevKernel_AllGather(int, char*)", 400, 10)])
     assert set(rows) == {"ncclDevKernel_ReduceScatter", "ncclDevKernel_AllGather"}  # arguments cut off
     assert rows["ncclDevKernel_ReduceScatter"] == pytest.approx(dict(count=1, ms=0.100, exposed_ms=0.030))
-    assert rows["ncclDevKernel_AllGather"] == pytest.approx(dict(count=2, ms=0.050, exposed_ms=0.040))  # 200-230 + 400-410
+    # 200-230 and 400-410 exposed
+    assert rows["ncclDevKernel_AllGather"] == pytest.approx(dict(count=2, ms=0.050, exposed_ms=0.040))
 
 
 def test_exposed_comm_reads_a_compressed_trace(tmp_path):
@@ -321,7 +322,7 @@ def test_exposed_comm_reads_a_compressed_trace(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json.xz"),
                         "--steps", "2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["ncclDevKernel_AllGather: 1 launches, 0.02 ms, 0.01 ms exposed per step",
+    assert r.stdout.splitlines() == ["ncclDevKernel_AllGather: 1 launches; per step 0.02 ms, 0.01 ms exposed",
                                      "span 0.1 ms, kernels busy 0.1 ms, NCCL 0.0 ms, NCCL with no other kernel running "
                                      "0.0 ms = 16.67% of the span, per step 0.06 ms span, 0.01 ms exposed"]
 
@@ -378,6 +379,38 @@ def test_exposed_comm_refuses_what_is_not_a_trace(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
                            capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def xz_bytes(events) -> bytes:
+    return lzma.compress(json.dumps(dict(traceEvents=events)).encode())
+
+
+gemm = dict(ph="X", cat="kernel", name="gemm", ts=0, dur=100)
+
+
+@pytest.mark.parametrize("name, content, steps, says", [
+    ("t.json.xz", xz_bytes([gemm] * 50)[:-20], 0, "Compressed file ended"),  # a copy cut short
+    ("t.json.xz", b"", 0, "cannot read"),
+    ("t.json", b'{"traceEvents": []}', 0, "no GPU kernels"),
+    ("t.json", json.dumps([dict(gemm, dur=0)]).encode(), 0, "no GPU kernels"),  # kernels that span no time
+    ("t.json", json.dumps([dict(ph="X", cat="kernel", ts=0, dur=5)]).encode(), 0, "kernel event"),  # no name
+    ("t.json", json.dumps([dict(gemm, ts="0")]).encode(), 0, "kernel event"),
+    ("t.json", None, -1, "--steps -1"),  # checked before the (missing, or long to read) trace
+], ids=["cut_xz", "empty_xz", "no_kernels", "zero_span", "no_name", "text_ts", "negative_steps"])
+def test_exposed_comm_gives_one_error_line_for_a_broken_trace(tmp_path, name, content, steps, says):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / name),
+                        "--steps", str(steps)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_exposed_comm_reads_a_compressed_trace_whatever_its_name(tmp_path):
+    (tmp_path / "t.json").write_bytes(xz_bytes([gemm, dict(gemm, name="ncclDevKernel_AllGather", ts=80, dur=40)]))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "exposed_comm.py"), str(tmp_path / "t.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "NCCL with no other kernel running 0.0 ms = 16.67% of the span" in r.stdout, r.stderr
 
 
 # -----------------------------------------------------------------------------
