@@ -93,7 +93,8 @@ class Hyperparameters:
     # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
     # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
     # parameter stepped by its owner, then all_gathered | reduce_scatter_fp32: the same in fp32. On 2 H200s
-    # reduce_scatter exposed less communication than all_reduce; its bf16 loss parity is not measured yet (bench/results)
+    # reduce_scatter exposed less communication than all_reduce; its bf16 loss parity is not measured yet (bench/results),
+    # and from 4 ranks on it sends more bytes than all_reduce: whole-parameter Adam owners pad (bench/comm_bytes.py)
     grad_reduce: str = "all_reduce"
     bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
     # run
