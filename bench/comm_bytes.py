@@ -31,15 +31,14 @@ def comm_bytes(args: tg.Hyperparameters, world_size: int, device_type: str = "cu
     ranges = {k: v for opt in [adam, *muon] for k, v in opt.ranges.items()}
     dtype = tg.GRAD_REDUCE_DTYPES[args.grad_reduce]
     reducer = tg.GradientReducer(tg.gradient_order(model), ranges, 0, n, dtype, args.bucket_mb << 20)
-    size = lambda dt: torch.empty(0, dtype=dt).element_size()
     params = list(model.parameters())
     return dict(
-        reduce_scatter=sum((n - 1) * out.numel() * size(dtype) for out in reducer.outputs),
-        adam_gather=sum((n - 1) * width * size(dt) for dt, width, *_ in adam.gathers),
-        muon_gather=sum((n - 1) * width * g["matrix"][0] * g["matrix"][1] * size(torch.bfloat16)
+        reduce_scatter=sum((n - 1) * out.numel() * dtype.itemsize for out in reducer.outputs),
+        adam_gather=sum((n - 1) * width * dt.itemsize for dt, width, *_ in adam.gathers),
+        muon_gather=sum((n - 1) * width * g["matrix"][0] * g["matrix"][1] * torch.bfloat16.itemsize
                         for opt in muon for g, (width, _) in zip(opt.param_groups, opt.plans)),
         all_reduce=2 * (n - 1) / n * sum(p.numel() * p.element_size() for p in params),
-        all_reduce_bf16=2 * (n - 1) / n * sum(p.numel() * size(torch.bfloat16) for p in params))
+        all_reduce_bf16=2 * (n - 1) / n * sum(p.numel() * torch.bfloat16.itemsize for p in params))
 
 
 def main():
@@ -57,8 +56,7 @@ def main():
     env = dict(os.environ)
     env.setdefault("GRAD_REDUCE", "reduce_scatter")
     try:
-        args = tg.load_config(env)
-        tg.validate(args)
+        args = tg.load_config(env)  # validates
         if args.grad_reduce not in tg.GRAD_REDUCE_DTYPES:
             raise tg.ConfigError(f"GRAD_REDUCE={args.grad_reduce} does not shard; use reduce_scatter or "
                                  f"reduce_scatter_fp32")
