@@ -428,14 +428,15 @@ class Muon(torch.optim.Optimizer):
     # params with ndim >= 2 are stacks of matrices (qkv: 3, experts: E); one group per matrix shape, the params with
     # a learning-rate multiplier (`lr_mults`: the routed experts') in groups of their own. A param in `halves` stacks two matrices along its rows (SwiGLU's
     # [gate; up]): each half is orthogonalized and scaled as its own matrix, as QKV's three are.
-    # Each matrix has one owner rank: a group's stack is cut into contiguous shares, one per rank (split_stack). The
-    # owner keeps the momentum and orthogonalizes; the updates are all_gathered (async: the gather of one group runs
-    # under the next group's Newton-Schulz) and every rank applies them. `ranges[id(p)][r]` is the flat range of p
-    # that rank r owns; step(reduced) reads this rank's part of the summed gradient as reduced(p) (by default from
-    # p.grad, which then holds the whole summed gradient). The momentum reaches the compiled part as a device
-    # tensor, so its warmup causes no recompilation.
+    # Each matrix has one owner rank: a group's stack is cut into contiguous shares, one per rank (split_stack), or
+    # given `ranges` (shard_owners: GRAD_REDUCE=reduce_scatter) each param's. The owner keeps the momentum and
+    # orthogonalizes; the updates are all_gathered (async: the gather of one group runs under the next group's
+    # Newton-Schulz; with `ranges`, by step's reducer) and every rank applies them. `ranges[id(p)][r]` is the flat
+    # range of p that rank r owns. The momentum reaches the compiled part as a device tensor, so its warmup causes
+    # no recompilation.
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
-                 compiled: bool = False, halves=(), lr_mults: dict | None = None, orthogonalize=orthogonalize):
+                 compiled: bool = False, halves=(), lr_mults: dict | None = None, orthogonalize=orthogonalize,
+                 ranges: dict | None = None):
         params, halved, lr_mults = list(params), {id(p) for p in halves}, lr_mults or {}
 
         def key(p: Tensor) -> tuple[int, int, bool]:
@@ -454,6 +455,11 @@ class Muon(torch.optim.Optimizer):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.orthogonalize, self.momentum_stack = compile(orthogonalize), compile(momentum_stack)
         self.momentum = torch.zeros(len(groups), device=params[0].device)
+        if ranges is not None:  # GRAD_REDUCE=reduce_scatter: shard_owners' ranges; the reducer carries the updates
+            self.ranges, self.plans = {id(p): ranges[id(p)] for p in params}, None
+            for group in self.param_groups:  # what this rank owns, so a checkpoint of another layout is refused
+                group["ranges"] = [list(self.owned(p)) for p in group["params"]]
+            return
         # per group: the widest share and where each rank's rows land; kept out of param_groups, which
         # load_state_dict replaces with the checkpoint's (whose tensors would be copies, not views of the params)
         self.ranges, self.plans, load = {}, [], [0.0] * world_size
@@ -476,14 +482,17 @@ class Muon(torch.optim.Optimizer):
         return self.ranges[id(p)][self.rank]
 
     @torch.no_grad()
-    def step(self, reduced=None):
-        # a matrix without a gradient (unused in the forward) steps on a zero one, so every rank's share stays put
-        reduced = reduced or (lambda p: grad_or_zeros(p).view(-1)[slice(*self.owned(p))])
+    def step(self, reducer=None):
+        # with a reducer (GRAD_REDUCE=reduce_scatter) the summed gradient of what this rank owns is reducer.reduced(p)
+        # and the updates go to reducer.result(p), whose all_gather starts once every group of its bucket is done;
+        # without, a matrix without a gradient (unused in the forward) steps on a zero one, so every rank's share
+        # stays put, and each group's updates are all_gathered here
+        reduced = reducer.reduced if reducer else (lambda p: grad_or_zeros(p).view(-1)[slice(*self.owned(p))])
         pending = []
-        for group, (width, targets), momentum in zip(self.param_groups, self.plans, self.momentum):
+        for group, momentum, g in zip(self.param_groups, self.momentum, range(len(self.param_groups))):
             m, n = group["matrix"]
             momentum.fill_(group["momentum"])
-            mine = [p for p in group["params"] if self.owned(p)[1] > 0]
+            mine = [p for p in group["params"] if self.owned(p)[1] > self.owned(p)[0]]
             for p in mine:
                 if "momentum_buffer" not in self.state[p]:  # only the owned matrices, in fp32
                     self.state[p]["momentum_buffer"] = torch.zeros(
@@ -491,6 +500,15 @@ class Muon(torch.optim.Optimizer):
             stacked = (self.momentum_stack([reduced(p).view(-1, m, n) for p in mine],
                                            [self.state[p]["momentum_buffer"] for p in mine], momentum)
                        if mine else torch.empty(0, m, n, dtype=torch.bfloat16, device=momentum.device))
+            scale = -group["lr"] * max(1, m / n) ** 0.5  # per-matrix shape, so experts scale as their own matrices
+            if reducer:
+                if mine:
+                    local = self.orthogonalize(stacked, group["ns_steps"]).reshape(-1)
+                    torch._foreach_copy_([reducer.result(p) for p in mine],
+                                         list(local.split([reducer.result(p).numel() for p in mine])))
+                reducer.done(group["params"], scale)
+                continue
+            width, targets = self.plans[g]
             if stacked.size(0) < width:  # equal shares for all_gather: the short ones padded with zero matrices
                 stacked = torch.cat([stacked, stacked.new_zeros(width - stacked.size(0), m, n)])
             local = self.orthogonalize(stacked, group["ns_steps"])
@@ -500,139 +518,207 @@ class Muon(torch.optim.Optimizer):
                 gathered = gathered.view(self.world_size, width, m, n)
             else:
                 gathered, handle = local[None], None
-            pending.append((group, targets, gathered, handle))
-        for group, targets, gathered, handle in pending:
+            pending.append((scale, targets, gathered, handle))
+        for scale, targets, gathered, handle in pending:
             if handle is not None:
                 handle.wait()
-            m, n = group["matrix"]
-            scale = -group["lr"] * max(1, m / n) ** 0.5  # per-matrix shape, so experts scale as their own matrices
             torch._foreach_add_([t for _, _, t in targets],
                                 [gathered[r, j:j + t.size(0)] for r, j, t in targets], alpha=scale)
 
 # -----------------------------------------------------------------------------
-# Several ranks, GRAD_REDUCE=reduce_scatter: gradients reduce-scattered in buckets, each matrix and Adam parameter
-# updated by its owner only, then all_gathered (all_reduce, the default, uses Muon's owners only)
+# Several ranks, GRAD_REDUCE=reduce_scatter: ZeRO-1 (Rajbhandari et al. 2020). Each element has one owner rank, which
+# receives its summed gradient (reduce-scatter), steps it and sends the result (all_gather), in the same buckets.
+# GRAD_REDUCE=all_reduce, the default, uses Muon's owners only
+
+def shard_owners(params: list[Tensor], matrices: dict, world_size: int) -> dict[int, list[tuple[int, int]]]:
+    # ranges[id(p)][r] = (start, end), the flat range of p rank r owns ((0, 0): none). params in gradient order;
+    # matrices[id(p)] = (m, n) for Muon's stacks of m x n matrices, whole units: each stack is cut into contiguous
+    # shares (split_stack, the FLOPs m n min(m, n) carried over the stacks, so the ranks end within one matrix's FLOPs
+    # of even). The rest is Adam's, elementwise, so cut anywhere: it levels the ranks' element counts (water-filling),
+    # each Adam parameter split over the ranks in proportion to what each still takes, so every rank's elements run
+    # through the whole gradient order. Equal counts are what make every bucket's segments equal (GradientReducer)
+    n, load, ranges = world_size, [0.0] * world_size, {}
+    held = [0] * n  # elements each rank owns
+    for p in params:
+        if id(p) in matrices:
+            m, k = matrices[id(p)]
+            shares = split_stack(p.numel() // (m * k), m * k * min(m, k), load)
+            bounds = [sum(shares[:r]) * m * k for r in range(n + 1)]
+            ranges[id(p)] = [(bounds[r], bounds[r + 1]) if shares[r] else (0, 0) for r in range(n)]
+            held = [h + e - s for h, (s, e) in zip(held, ranges[id(p)])]
+    adam = [p for p in params if id(p) not in matrices]
+    total = sum(p.numel() for p in adam)
+    lo, hi = 0, max(held) + total  # the lowest level L with sum(max(0, L - held)) >= total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if sum(max(0, mid - h) for h in held) >= total else (mid + 1, hi)
+    left = [max(0, lo - h) for h in held]
+    for r in reversed(range(n)):  # the excess is fewer than the ranks below the level: one off each, from the last
+        if sum(left) > total and left[r]:
+            left[r] -= 1
+    for p in adam:
+        size, rest = p.numel(), sum(left)
+        take = [size * left[r] // rest for r in range(n)]
+        # largest remainders first: each of those has room, so the ranks' totals end exactly at `left`
+        for r in sorted(range(n), key=lambda r: (-(size * left[r] % rest), r))[:size - sum(take)]:
+            take[r] += 1
+        bounds = [sum(take[:r]) for r in range(n + 1)]
+        ranges[id(p)] = [(bounds[r], bounds[r + 1]) if take[r] else (0, 0) for r in range(n)]
+        left = [a - b for a, b in zip(left, take)]
+    return ranges
 
 class ShardedAdamW(torch.optim.AdamW):
-    # AdamW in which each parameter has one owner rank (largest first, each to the rank with the fewest elements so
-    # far): the owner keeps its state and updates it from the summed gradient, reduced(p) (default: p.grad), then
-    # each rank's parameters reach the others in one all_gather per dtype
-    def __init__(self, groups, rank: int = 0, world_size: int = 1, **kwargs):
+    # AdamW on the flat range of each parameter this rank owns, ranges[id(p)][rank] (views, so the state exp_avg and
+    # exp_avg_sq is the owned ranges'; Adam is elementwise, so a range steps exactly as the whole would); without
+    # ranges (one rank, GRAD_REDUCE=all_reduce) plain AdamW on whole parameters and their .grad. With ranges, step
+    # reads the summed gradient from reducer.reduced(p) and writes to reducer.result(p) (bf16) what every rank then
+    # applies: a bf16 parameter's new values, an fp32 parameter's step (new - old), rounded to bf16, added by every
+    # rank, the owner too (it sets its range back first), so all hold the same fp32 weights. The rounding errs by at
+    # most 2^-9 of the step itself, as if the learning rate were off by 0.2% per element: well below the 2^-9 of the
+    # weight a bf16 weight would lose, and it does not build up as a bias (round to nearest)
+    def __init__(self, groups, ranges: dict | None = None, rank: int = 0, **kwargs):
+        self.source, self.params = {}, [p for g in groups for p in g["params"]]
+        if ranges is not None:  # the checkpoint keeps `ranges`: one of another layout is refused
+            groups = [dict(g, params=[self.shard(p, *ranges[id(p)][rank]) for p in g["params"]
+                                      if ranges[id(p)][rank][1] > ranges[id(p)][rank][0]],
+                           ranges=[list(ranges[id(p)][rank]) for p in g["params"]]) for g in groups]
         super().__init__(groups, **kwargs)
-        self.rank, self.world_size = rank, world_size
-        params = [p for group in self.param_groups for p in group["params"]]
-        self.owner, load = {}, [0] * world_size
-        for p in sorted(params, key=lambda p: -p.numel()):  # stable: ties keep the groups' order
-            self.owner[id(p)] = min(range(world_size), key=lambda r: (load[r], r))
-            load[self.owner[id(p)]] += p.numel()
-        # one gather per dtype: rank r's segment holds its parameters flat, in the groups' order, padded to the longest
-        self.gathers, self.pending = [], []
-        for dtype in dict.fromkeys(p.dtype for p in params):
-            of = [[p for p in params if p.dtype == dtype and self.owner[id(p)] == r] for r in range(world_size)]
-            width = max(sum(p.numel() for p in mine) for mine in of)
-            theirs = [(p, r * width + sum(q.numel() for q in of[r][:i])) for r in range(world_size) if r != rank
-                      for i, p in enumerate(of[r])]
-            self.gathers.append((dtype, width, of[rank], theirs))
-        self.ranges = {id(p): [(0, p.numel()) if self.owner[id(p)] == r else (0, 0) for r in range(world_size)]
-                       for p in params}
+        self.ranges = ranges or {id(p): [(0, p.numel())] for p in self.params}
+
+    def shard(self, p: Tensor, start: int, end: int) -> Tensor:
+        view = p.detach().view(-1)[start:end]
+        self.source[id(view)] = p
+        return view
 
     @torch.no_grad()
-    def step(self, reduced=None):
-        # with several ranks the parameters are all_gathered asynchronously: finish() waits and copies them in
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self.owner[id(p)] != self.rank:
-                    p.grad = None  # AdamW skips it: its owner steps it
-                elif reduced is not None:
-                    p.grad = reduced(p).view_as(p).to(p.dtype)
+    def step(self, reducer=None):
+        if reducer is None:
+            return super().step()
+        shards = [v for group in self.param_groups for v in group["params"]]
+        for v in shards:
+            v.grad = reducer.reduced(self.source[id(v)]).to(v.dtype)
+        wide, narrow = [v for v in shards if v.dtype != torch.bfloat16], [v for v in shards if v.dtype == torch.bfloat16]
+        old = [v.clone() for v in wide]
         super().step()
-        if self.world_size == 1:
-            return
-        device = self.param_groups[0]["params"][0].device
-        for dtype, width, mine, theirs in self.gathers:
-            send = torch.cat([p.detach().view(-1) for p in mine] + [torch.zeros(width - sum(p.numel() for p in mine),
-                                                                                dtype=dtype, device=device)])
-            gathered = send.new_empty(self.world_size * width)
-            self.pending.append((dist.all_gather_into_tensor(gathered, send, async_op=True), gathered, theirs))
-
-    @torch.no_grad()
-    def finish(self):
-        for handle, gathered, theirs in self.pending:
-            handle.wait()
-            if theirs:  # empty where this rank owns every parameter of the dtype (NUM_VALUE_EMBEDS=0: bf16 on GPU)
-                torch._foreach_copy_([p.detach().view(-1) for p, _ in theirs],
-                                     [gathered[start:start + p.numel()] for p, start in theirs])
-        self.pending = []
+        if shards:
+            torch._foreach_copy_([reducer.result(self.source[id(v)]) for v in wide + narrow],
+                                 [v - o for v, o in zip(wide, old)] + narrow)
+        if wide:
+            torch._foreach_copy_(wide, old)
+        for v in shards:
+            v.grad = None
+        reducer.done([p for p in self.params if p.dtype != torch.bfloat16], 1.0)  # fp32: every rank adds the step
+        reducer.done([p for p in self.params if p.dtype == torch.bfloat16], None)  # bf16: the values, copied
 
 class GradientReducer:
-    # Gradient reduction for several ranks, overlapped with the backward. The parameters are cut into buckets of
-    # about `bucket_bytes` in the order their gradients become final; on the last micro-step each bucket is cast to
-    # `dtype`, packed rank by rank (rank r's segment holds the flat ranges r owns, `ranges[id(p)][r]`, from the
-    # optimizers) and reduce_scattered, asynchronously, as soon as its last gradient is accumulated (post-accumulate
-    # -grad hooks; buckets go out in order, the same on every rank). So each rank receives only what it updates.
-    # Where autograd finishes gradients one layer at a time (eager) the buckets run under the rest of the backward;
-    # the compiled model's backward is one graph whose gradients are all final at its end, so there they go out
-    # back to back after it (DDP's graph splitter, which would cut it, left FlexAttention uncompiled on an H200: the
-    # warmup did not finish in 6 minutes). reduced(p) is this rank's range of p's summed gradient. The idea is PyTorch
-    # DDP's buckets (Li et al. 2020) with ZeRO's reduce-scatter (Rajbhandari et al. 2020).
+    # Gradient reduction for several ranks, overlapped with the backward, and the way back. Rank r's stream is the flat
+    # ranges it owns (ranges[id(p)][r], shard_owners), in the order their gradients become final; bucket b is
+    # elements [b W, (b + 1) W) of every stream, W = bucket_bytes / (4 world_size) (parameters counted in fp32), so
+    # streams of equal length (shard_owners levels them) make every segment equal: no padding. On the last micro-step
+    # each bucket's gradients are cast to `dtype`, packed rank by rank and reduce_scattered, asynchronously, as soon
+    # as its last gradient is accumulated (post-accumulate-grad hooks; buckets go out in order, the same on every
+    # rank). Rank r receives its stream whole, one bucket after the other, so reduced(p) is a view. The optimizers
+    # write their results into result(p) (bf16, the same positions) and call done(params, alpha); a bucket whose
+    # parameters are all done is all_gathered (in order: the same on every rank), and apply() waits for them and
+    # gives each parameter its pieces: p += alpha * piece, or p = piece where alpha is None. So the gather sends what
+    # the reduce-scatter receives, in bf16. Where autograd finishes gradients one layer at a time (eager) the buckets
+    # run under the rest of the backward; the compiled model's backward is one graph whose gradients are all final at
+    # its end, so there they go out back to back after it (DDP's graph splitter, which would cut it, left
+    # FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes). The idea is PyTorch DDP's buckets
+    # (Li et al. 2020) with ZeRO's partitions (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
         self.rank, self.world_size, self.ranges = rank, world_size, ranges
-        self.buckets, size = [[]], 0
-        for p in params:
-            if size >= bucket_bytes:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += p.numel() * p.element_size()
-        self.bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
-        self.packs, self.outputs, self.views = [], [], {}
-        for bucket in self.buckets:
-            width = max(sum(e - s for s, e in (ranges[id(p)][r] for p in bucket)) for r in range(world_size))
-            buffer = torch.zeros(world_size * width, dtype=dtype, device=bucket[0].device)
-            output = buffer.new_zeros(width)
-            pack = []  # (param, its flat range, where it goes in the buffer)
-            for r in range(world_size):
-                offset = r * width
-                for p in bucket:
-                    s, e = ranges[id(p)][r]
-                    if e > s:
-                        pack.append((p, s, e, buffer[offset:offset + e - s]))
-                        if r == rank:
-                            pos = offset - r * width
-                            self.views[id(p)] = output[pos:pos + e - s]
-                        offset += e - s
-            self.packs.append((buffer, pack))
-            self.outputs.append(output)
+        streams = [[(p, *ranges[id(p)][r]) for p in params if ranges[id(p)][r][1] > ranges[id(p)][r][0]]
+                   for r in range(world_size)]
+        longest = max(sum(e - s for _, s, e in stream) for stream in streams)
+        step = max(1, bucket_bytes // (4 * world_size))
+        self.widths = [min(step, longest - start) for start in range(0, longest, step)]
+        device = params[0].device
+        self.received = torch.zeros(longest, dtype=dtype, device=device)  # this rank's stream, summed
+        self.results = torch.zeros(longest, dtype=torch.bfloat16, device=device)  # what it sends back
+        self.outputs = list(self.received.split(self.widths))
+        self.sends = list(self.results.split(self.widths))
+        self.inputs = [self.received.new_zeros(world_size * w) for w in self.widths]
+        self.gathered = [self.results.new_zeros(world_size * w) for w in self.widths]
+        self.packs = [[] for _ in self.widths]  # (param, its flat range, where in the bucket's input and gathered)
+        self.views, members = {}, [{} for _ in self.widths]
+        for r, stream in enumerate(streams):
+            t = 0  # position in rank r's stream
+            for p, s, e in stream:
+                if r == rank:
+                    self.views[id(p)] = (t, t + e - s)
+                while s < e:  # a range split where buckets meet
+                    b = t // step
+                    k = min(e - s, (b + 1) * step - t)
+                    self.packs[b].append((p, s, s + k, r * self.widths[b] + t - b * step))
+                    members[b][id(p)] = p
+                    s, t = s + k, t + k
+        self.members = [list(m.values()) for m in members]
+        self.buckets_of = {id(p): [b for b, m in enumerate(members) if id(p) in m] for p in params}
         self.armed, self.handles, self.waiting = False, [], []
+        self.gathers, self.undone, self.alpha = [], [], {}
         for p in params:
             p.register_post_accumulate_grad_hook(self.accumulated)
 
     def arm(self):
         # the next backward is the last micro-step of this optimizer step
-        self.armed, self.handles, self.waiting = True, [], [len(bucket) for bucket in self.buckets]
+        self.armed, self.handles, self.waiting = True, [], [len(m) for m in self.members]
 
     def accumulated(self, p: Tensor):
         if self.armed:
-            self.waiting[self.bucket_of[id(p)]] -= 1
-            while len(self.handles) < len(self.buckets) and self.waiting[len(self.handles)] == 0:
+            for b in self.buckets_of[id(p)]:
+                self.waiting[b] -= 1
+            while len(self.handles) < len(self.widths) and self.waiting[len(self.handles)] == 0:
                 self.launch(len(self.handles))
 
     def launch(self, b: int):
-        buffer, pack = self.packs[b]
-        torch._foreach_copy_([dst for *_, dst in pack], [grad_or_zeros(p).view(-1)[s:e] for p, s, e, _ in pack])
-        self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], buffer, async_op=True))
+        torch._foreach_copy_([self.inputs[b][at:at + e - s] for _, s, e, at in self.packs[b]],
+                             [grad_or_zeros(p).view(-1)[s:e] for p, s, e, _ in self.packs[b]])
+        self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], self.inputs[b], async_op=True))
 
     def finish(self):
         # after the last backward: send what no hook sent, then wait for every bucket
-        while len(self.handles) < len(self.buckets):
+        while len(self.handles) < len(self.widths):
             self.launch(len(self.handles))
         for handle in self.handles:
             handle.wait()
-        self.armed = False
+        self.armed, self.handles, self.gathers, self.undone = False, [], [], [len(m) for m in self.members]
 
     def reduced(self, p: Tensor) -> Tensor:
-        return self.views[id(p)]
+        return self.received[slice(*self.views[id(p)])]
+
+    def result(self, p: Tensor) -> Tensor:
+        return self.results[slice(*self.views[id(p)])]
+
+    def done(self, params: list[Tensor], alpha: float | None):
+        # every rank calls it with the same parameters in the same order (whoever owns them)
+        for p in params:
+            self.alpha[id(p)] = alpha
+            for b in self.buckets_of[id(p)]:
+                self.undone[b] -= 1
+        while len(self.gathers) < len(self.widths) and self.undone[len(self.gathers)] == 0:
+            self.gather(len(self.gathers))
+
+    def gather(self, b: int):
+        self.gathers.append(dist.all_gather_into_tensor(self.gathered[b], self.sends[b], async_op=True))
+
+    @torch.no_grad()
+    def apply(self):
+        while len(self.gathers) < len(self.widths):
+            self.gather(len(self.gathers))
+        adds, copies = {}, ([], [])
+        for b, handle in enumerate(self.gathers):
+            handle.wait()
+            for p, s, e, at in self.packs[b]:
+                alpha = self.alpha[id(p)]
+                dst, src = adds.setdefault(alpha, ([], [])) if alpha is not None else copies
+                dst.append(p.detach().view(-1)[s:e])
+                src.append(self.gathered[b][at:at + e - s])
+        if copies[0]:
+            torch._foreach_copy_(*copies)
+        for alpha, (dst, src) in adds.items():
+            torch._foreach_add_(dst, src, alpha=alpha)
 
 # -----------------------------------------------------------------------------
 # Model components
@@ -1532,18 +1618,24 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
         if experts:
             adam_groups.append(dict(params=[p for p in matrices if id(p) in experts],
                                     lr=args.adamw_lr * args.expert_lr_mult, weight_decay=args.adamw_weight_decay))
-    else:
-        # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
-        halves = [m.w1 if isinstance(m, MoE) else m.c_fc.weight for m in model.modules()
-                  if isinstance(m, (MoE, MLP)) and m.act is swiglu]
+    # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
+    halved = {id(m.w1 if isinstance(m, MoE) else m.c_fc.weight) for m in model.modules()
+              if isinstance(m, (MoE, MLP)) and m.act is swiglu}
+    units = {id(p): (p.size(-2) // (2 if id(p) in halved else 1), p.size(-1)) for p in matrices
+             if args.matrix_optimizer == "muon"}
+    # GRAD_REDUCE=reduce_scatter: every element has one owner (shard_owners); all_reduce: every rank holds every
+    # summed gradient and steps every Adam parameter itself, Muon's matrices split by Muon
+    sharded = world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES
+    ranges = shard_owners(gradient_order(model), units, world_size) if sharded else None
+    if args.matrix_optimizer == "muon":
         optimizers.append(Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.ns_steps,
                                rank=rank, world_size=world_size, compiled=args.compile and device.type == "cuda",
-                               halves=halves, lr_mults=dict.fromkeys(experts, args.expert_lr_mult),
-                               orthogonalize=partial(orthogonalize, method=args.ns_method, kernel=args.ns_kernel)))
+                               halves=[p for p in matrices if id(p) in halved],
+                               lr_mults=dict.fromkeys(experts, args.expert_lr_mult),
+                               orthogonalize=partial(orthogonalize, method=args.ns_method, kernel=args.ns_kernel),
+                               ranges=ranges))
     # small epsilon: the update does not depend on the gradient's scale (and so not on the world size)
-    # with GRAD_REDUCE=all_reduce every rank holds every summed gradient and steps every Adam parameter itself
-    shards = (rank, world_size) if args.grad_reduce in GRAD_REDUCE_DTYPES else (0, 1)
-    optimizers.insert(0, ShardedAdamW(adam_groups, *shards, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+    optimizers.insert(0, ShardedAdamW(adam_groups, ranges, rank, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                                       fused=device.type == "cuda"))
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1631,7 +1723,15 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 def load_optimizer_states(optimizers: list, states: list[dict], source: str):
     # the state (moments, momentum buffers) continues; the settings (learning rates, EXPERT_LR_MULT, NS_STEPS) are
     # this run's, not the ones load_state_dict would copy from the checkpoint's groups. Raises ConfigError when the
-    # checkpoint's optimizers group the parameters otherwise (written by another version of train_gpt.py)
+    # checkpoint's optimizers group the parameters otherwise (written by another version of train_gpt.py) or split
+    # them over the ranks otherwise
+    # GRAD_REDUCE=reduce_scatter's groups hold the ranges this rank owns (shard_owners): they must be this run's
+    owned = lambda groups: [g.get("ranges") for g in groups]
+    if ([len(s["param_groups"]) for s in states] == [len(o.param_groups) for o in optimizers]
+            and [owned(s["param_groups"]) for s in states] != [owned(o.param_groups) for o in optimizers]):
+        raise ConfigError(f"RESUME={source}: its optimizer state is split over the ranks otherwise than this run's "
+                          f"(written with another GRAD_REDUCE, another model or another version of train_gpt.py); "
+                          f"resume with the settings and the train_gpt.py in its run's log")
     layout = lambda groups: [len(g["params"]) for g in groups]
     if [layout(s["param_groups"]) for s in states] != [layout(o.param_groups) for o in optimizers]:
         raise ConfigError(f"RESUME={source}: its optimizers group the parameters differently from this train_gpt.py's "
@@ -1829,8 +1929,9 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             if isinstance(opt, Muon):
                 for group in opt.param_groups:
                     group["momentum"] = muon_momentum_at(step, args)
-            opt.step(reducer.reduced if reducer else None)
-        optimizers[0].finish()  # the Adam parameters' all_gather ran under Muon's work
+            opt.step(reducer)
+        if reducer:
+            reducer.apply()  # each bucket's all_gather started once its optimizers were done
         model.zero_grad(set_to_none=True)
         if moes and args.bias_update_rate:
             update_router_bias([m for _, m in moes], args.bias_update_rate, world_size)
