@@ -92,11 +92,12 @@ class Hyperparameters:
     # several GPUs
     # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
     # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
-    # parameter stepped by its owner, then all_gathered | reduce_scatter_fp32: the same in fp32. On 2 H200s
-    # reduce_scatter exposed less communication than all_reduce; its bf16 loss parity is not measured yet (bench/results),
-    # and from 4 ranks on it sends more bytes than all_reduce: whole-parameter Adam owners pad (bench/comm_bytes.py)
+    # element stepped by its owner (ZeRO-1), the results all_gathered in bf16 | reduce_scatter_fp32: gradients in
+    # fp32. reduce_scatter sends a bf16 all-reduce's bytes (bench/comm_bytes.py: every bucket's segments equal),
+    # 0.5x to 0.6x all_reduce's. On 2 H200s it exposed less communication than all_reduce (before the equal
+    # segments); its bf16 loss parity is not measured yet (bench/results)
     grad_reduce: str = "all_reduce"
-    bucket_mb: int = 256  # MiB of parameters per reduce-scatter bucket
+    bucket_mb: int = 256  # MiB of parameters (counted as fp32) per reduce-scatter and all_gather bucket
     # run
     seed: int = 0
     compile: bool = True  # torch.compile the model on GPU (the CPU always runs eager)
@@ -597,7 +598,8 @@ class ShardedAdamW(torch.optim.AdamW):
         shards = [v for group in self.param_groups for v in group["params"]]
         for v in shards:
             v.grad = reducer.reduced(self.source[id(v)]).to(v.dtype)
-        wide, narrow = [v for v in shards if v.dtype != torch.bfloat16], [v for v in shards if v.dtype == torch.bfloat16]
+        narrow = [v for v in shards if v.dtype == torch.bfloat16]
+        wide = [v for v in shards if v.dtype != torch.bfloat16]
         old = [v.clone() for v in wide]
         super().step()
         if shards:
