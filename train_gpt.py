@@ -602,11 +602,11 @@ class ShardedAdamW(torch.optim.AdamW):
         wide = [v for v in shards if v.dtype != torch.bfloat16]
         old = [v.clone() for v in wide]
         super().step()
-        if shards:
-            torch._foreach_copy_([reducer.result(self.source[id(v)]) for v in wide + narrow],
-                                 [v - o for v, o in zip(wide, old)] + narrow)
         if wide:
+            torch._foreach_copy_([reducer.result(self.source[id(v)]) for v in wide], torch._foreach_sub(wide, old))
             torch._foreach_copy_(wide, old)
+        if narrow:
+            torch._foreach_copy_([reducer.result(self.source[id(v)]) for v in narrow], narrow)
         for v in shards:
             v.grad = None
         reducer.done([p for p in self.params if p.dtype != torch.bfloat16], 1.0)  # fp32: every rank adds the step
@@ -643,7 +643,8 @@ class GradientReducer:
         self.sends = list(self.results.split(self.widths))
         self.inputs = [self.received.new_zeros(world_size * w) for w in self.widths]
         self.gathered = [self.results.new_zeros(world_size * w) for w in self.widths]
-        self.packs = [[] for _ in self.widths]  # (param, its flat range, where in the bucket's input and gathered)
+        # per bucket: (param, its flat range, the piece of the bucket's input, of what is gathered, of the param)
+        self.packs = [[] for _ in self.widths]
         self.views, members = {}, [{} for _ in self.widths]
         for r, stream in enumerate(streams):
             t = 0  # position in rank r's stream
@@ -653,7 +654,9 @@ class GradientReducer:
                 while s < e:  # a range split where buckets meet
                     b = t // step
                     k = min(e - s, (b + 1) * step - t)
-                    self.packs[b].append((p, s, s + k, r * self.widths[b] + t - b * step))
+                    at = r * self.widths[b] + t - b * step
+                    self.packs[b].append((p, s, s + k, self.inputs[b][at:at + k], self.gathered[b][at:at + k],
+                                          p.detach().view(-1)[s:s + k]))
                     members[b][id(p)] = p
                     s, t = s + k, t + k
         self.members = [list(m.values()) for m in members]
@@ -675,8 +678,8 @@ class GradientReducer:
                 self.launch(len(self.handles))
 
     def launch(self, b: int):
-        torch._foreach_copy_([self.inputs[b][at:at + e - s] for _, s, e, at in self.packs[b]],
-                             [grad_or_zeros(p).view(-1)[s:e] for p, s, e, _ in self.packs[b]])
+        torch._foreach_copy_([piece for _, _, _, piece, _, _ in self.packs[b]],
+                             [grad_or_zeros(p).view(-1)[s:e] for p, s, e, *_ in self.packs[b]])
         self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], self.inputs[b], async_op=True))
 
     def finish(self):
@@ -712,11 +715,11 @@ class GradientReducer:
         adds, copies = {}, ([], [])
         for b, handle in enumerate(self.gathers):
             handle.wait()
-            for p, s, e, at in self.packs[b]:
+            for p, _, _, _, piece, target in self.packs[b]:
                 alpha = self.alpha[id(p)]
                 dst, src = adds.setdefault(alpha, ([], [])) if alpha is not None else copies
-                dst.append(p.detach().view(-1)[s:e])
-                src.append(self.gathered[b][at:at + e - s])
+                dst.append(target)
+                src.append(piece)
         if copies[0]:
             torch._foreach_copy_(*copies)
         for alpha, (dst, src) in adds.items():
