@@ -92,8 +92,8 @@ class Hyperparameters:
     # several GPUs
     # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
     # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
-    # element stepped by its owner (ZeRO-1), the results all_gathered in bf16 | reduce_scatter_fp32: gradients in
-    # fp32. reduce_scatter sends a bf16 all-reduce's bytes (bench/comm_bytes.py: every bucket's segments equal),
+    # element stepped by its owner (ZeRO-1), the results all_gathered in bf16 | reduce_scatter_fp32: both ways in
+    # fp32 (exact as all_reduce). reduce_scatter sends a bf16 all-reduce's bytes (bench/comm_bytes.py: every bucket's segments equal),
     # 0.5x to 0.6x all_reduce's. On 2 H200s it exposed less communication than all_reduce (before the equal
     # segments); its bf16 loss parity is not measured yet (bench/results)
     grad_reduce: str = "all_reduce"
@@ -572,11 +572,12 @@ class ShardedAdamW(torch.optim.AdamW):
     # AdamW on the flat range of each parameter this rank owns, ranges[id(p)][rank] (views, so the state exp_avg and
     # exp_avg_sq is the owned ranges'; Adam is elementwise, so a range steps exactly as the whole would); without
     # ranges (one rank, GRAD_REDUCE=all_reduce) plain AdamW on whole parameters and their .grad. With ranges, step
-    # reads the summed gradient from reducer.reduced(p) and writes to reducer.result(p) (bf16) what every rank then
-    # applies: a bf16 parameter's new values, an fp32 parameter's step (new - old), rounded to bf16, added by every
-    # rank, the owner too (it sets its range back first), so all hold the same fp32 weights. The rounding errs by at
-    # most 2^-9 of the step itself, as if the learning rate were off by 0.2% per element: well below the 2^-9 of the
-    # weight a bf16 weight would lose, and it does not build up as a bias (round to nearest)
+    # reads the summed gradient from reducer.reduced(p) and writes to reducer.result(p) what every rank then applies:
+    # the new values, or where the results are bf16 (GRAD_REDUCE=reduce_scatter) and the parameter fp32, its step
+    # (new - old) rounded to bf16, added by every rank, the owner too (it sets its range back first), so all hold the
+    # same fp32 weights. That rounding errs by at most 2^-9 of the step itself, as if the learning rate were off by
+    # 0.2% per element: well below the 2^-9 of the weight a bf16 weight would lose, and it does not build up as a
+    # bias (round to nearest)
     def __init__(self, groups, ranges: dict | None = None, rank: int = 0, **kwargs):
         self.source, self.params = {}, [p for g in groups for p in g["params"]]
         if ranges is not None:  # the checkpoint keeps `ranges`: one of another layout is refused
@@ -598,8 +599,8 @@ class ShardedAdamW(torch.optim.AdamW):
         shards = [v for group in self.param_groups for v in group["params"]]
         for v in shards:
             v.grad = reducer.reduced(self.source[id(v)]).to(v.dtype)
-        narrow = [v for v in shards if v.dtype == torch.bfloat16]
-        wide = [v for v in shards if v.dtype != torch.bfloat16]
+        narrow = [v for v in shards if v.element_size() <= reducer.results.element_size()]  # values fit the results
+        wide = [v for v in shards if v.element_size() > reducer.results.element_size()]  # its step, rounded
         old = [v.clone() for v in wide]
         super().step()
         if wide:
@@ -609,8 +610,9 @@ class ShardedAdamW(torch.optim.AdamW):
             torch._foreach_copy_([reducer.result(self.source[id(v)]) for v in narrow], narrow)
         for v in shards:
             v.grad = None
-        reducer.done([p for p in self.params if p.dtype != torch.bfloat16], 1.0)  # fp32: every rank adds the step
-        reducer.done([p for p in self.params if p.dtype == torch.bfloat16], None)  # bf16: the values, copied
+        steps = [p for p in self.params if p.element_size() > reducer.results.element_size()]
+        reducer.done(steps, 1.0)  # every rank adds the step
+        reducer.done([p for p in self.params if p.element_size() <= reducer.results.element_size()], None)  # copies
 
 class GradientReducer:
     # Gradient reduction for several ranks, overlapped with the backward, and the way back. Rank r's stream is the flat
@@ -620,10 +622,10 @@ class GradientReducer:
     # each bucket's gradients are cast to `dtype`, packed rank by rank and reduce_scattered, asynchronously, as soon
     # as its last gradient is accumulated (post-accumulate-grad hooks; buckets go out in order, the same on every
     # rank). Rank r receives its stream whole, one bucket after the other, so reduced(p) is a view. The optimizers
-    # write their results into result(p) (bf16, the same positions) and call done(params, alpha); a bucket whose
+    # write their results into result(p) (`dtype`, the same positions) and call done(params, alpha); a bucket whose
     # parameters are all done is all_gathered (in order: the same on every rank), and apply() waits for them and
     # gives each parameter its pieces: p += alpha * piece, or p = piece where alpha is None. So the gather sends what
-    # the reduce-scatter receives, in bf16. Where autograd finishes gradients one layer at a time (eager) the buckets
+    # the reduce-scatter receives. Where autograd finishes gradients one layer at a time (eager) the buckets
     # run under the rest of the backward; the compiled model's backward is one graph whose gradients are all final at
     # its end, so there they go out back to back after it (DDP's graph splitter, which would cut it, left
     # FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes). The idea is PyTorch DDP's buckets
@@ -638,7 +640,7 @@ class GradientReducer:
         self.widths = [min(step, longest - start) for start in range(0, longest, step)]
         device = params[0].device
         self.received = torch.zeros(longest, dtype=dtype, device=device)  # this rank's stream, summed
-        self.results = torch.zeros(longest, dtype=torch.bfloat16, device=device)  # what it sends back
+        self.results = self.received.new_zeros(longest)  # what it sends back, in the same dtype
         self.outputs = list(self.received.split(self.widths))
         self.sends = list(self.results.split(self.widths))
         self.inputs = [self.received.new_zeros(world_size * w) for w in self.widths]

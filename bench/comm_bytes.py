@@ -2,7 +2,7 @@
 # train_gpt.py builds for the model the environment configures (on meta tensors: nothing is allocated), against a ring
 # all-reduce of every gradient. Ring collectives, n ranks: a reduce-scatter of n segments of w elements sends (n - 1) w
 # elements from each rank, an all_gather of w-element pieces the same, an all-reduce of S elements 2 (n - 1) / n S.
-# Each bucket is reduce-scattered (in bf16 or fp32) and all_gathered (bf16) with the same segments, as wide as the
+# Each bucket is reduce-scattered and all_gathered (in bf16, or fp32) with the same segments, as wide as the
 # rank with the most in the bucket; shard_owners levels the ranks, so only what S / n leaves over pads.
 # GRAD_REDUCE=all_reduce sends the all-reduce of the gradients as stored plus Muon's all_gather.
 # Usage: [settings] python3 bench/comm_bytes.py [--world-sizes 2,4,8] [--device cuda|cpu]
@@ -19,7 +19,7 @@ import train_gpt as tg
 
 
 def comm_bytes(args: tg.Hyperparameters, world_size: int, device_type: str = "cuda") -> dict[str, float]:
-    # per rank and optimizer step: reduce_scatter (the gradient buckets), all_gather (the same buckets back, bf16),
+    # per rank and optimizer step: reduce_scatter (the gradient buckets), all_gather (the same buckets back),
     # all_reduce (every gradient as stored) and muon_gather (Muon's all_gather): train_gpt.py's GRAD_REDUCE=all_reduce,
     # and all_reduce_bf16 for comparison. device_type sets the embeddings' dtype as train() does
     n = world_size
@@ -37,7 +37,7 @@ def comm_bytes(args: tg.Hyperparameters, world_size: int, device_type: str = "cu
     params = list(model.parameters())
     return dict(
         reduce_scatter=sum((n - 1) * out.numel() * dtype.itemsize for out in reducer.outputs),
-        all_gather=sum((n - 1) * send.numel() * torch.bfloat16.itemsize for send in reducer.sends),
+        all_gather=sum((n - 1) * send.numel() * dtype.itemsize for send in reducer.sends),
         muon_gather=sum((n - 1) * width * g["matrix"][0] * g["matrix"][1] * torch.bfloat16.itemsize
                         for opt in muon for g, (width, _) in zip(opt.param_groups, opt.plans)),
         all_reduce=2 * (n - 1) / n * sum(p.numel() * p.element_size() for p in params),
