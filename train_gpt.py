@@ -623,7 +623,8 @@ class GradientReducer:
     # as its last gradient is accumulated (post-accumulate-grad hooks; buckets go out in order, the same on every
     # rank). Rank r receives its stream whole, one bucket after the other, so reduced(p) is a view. The optimizers
     # write their results into result(p) (`dtype`, the same positions) and call done(params, alpha); a bucket whose
-    # parameters are all done is all_gathered (in order: the same on every rank), and apply() waits for them and
+    # parameters are all done is all_gathered at once (every rank calls done alike, so the order is the same on every
+    # rank: the buckets of Adam alone go under Muon's Newton-Schulz), and apply() waits for them and
     # gives each parameter its pieces: p += alpha * piece, or p = piece where alpha is None. So the gather sends what
     # the reduce-scatter receives. Where autograd finishes gradients one layer at a time (eager) the buckets
     # run under the rest of the backward; the compiled model's backward is one graph whose gradients are all final at
@@ -664,7 +665,7 @@ class GradientReducer:
         self.members = [list(m.values()) for m in members]
         self.buckets_of = {id(p): [b for b, m in enumerate(members) if id(p) in m] for p in params}
         self.armed, self.handles, self.waiting = False, [], []
-        self.gathers, self.undone, self.alpha = [], [], {}
+        self.gathers, self.undone, self.alpha = {}, [], {}  # gathers: bucket -> its all_gather's handle
         for p in params:
             p.register_post_accumulate_grad_hook(self.accumulated)
 
@@ -690,7 +691,7 @@ class GradientReducer:
             self.launch(len(self.handles))
         for handle in self.handles:
             handle.wait()
-        self.armed, self.handles, self.gathers, self.undone = False, [], [], [len(m) for m in self.members]
+        self.armed, self.handles, self.gathers, self.undone = False, [], {}, [len(m) for m in self.members]
 
     def reduced(self, p: Tensor) -> Tensor:
         return self.received[slice(*self.views[id(p)])]
@@ -704,18 +705,20 @@ class GradientReducer:
             self.alpha[id(p)] = alpha
             for b in self.buckets_of[id(p)]:
                 self.undone[b] -= 1
-        while len(self.gathers) < len(self.widths) and self.undone[len(self.gathers)] == 0:
-            self.gather(len(self.gathers))
+        for b, undone in enumerate(self.undone):
+            if undone == 0 and b not in self.gathers:
+                self.gather(b)
 
     def gather(self, b: int):
-        self.gathers.append(dist.all_gather_into_tensor(self.gathered[b], self.sends[b], async_op=True))
+        self.gathers[b] = dist.all_gather_into_tensor(self.gathered[b], self.sends[b], async_op=True)
 
     @torch.no_grad()
     def apply(self):
-        while len(self.gathers) < len(self.widths):
-            self.gather(len(self.gathers))
+        for b in range(len(self.widths)):
+            if b not in self.gathers:
+                self.gather(b)
         adds, copies = {}, ([], [])
-        for b, handle in enumerate(self.gathers):
+        for b, handle in self.gathers.items():
             handle.wait()
             for p, _, _, _, piece, target in self.packs[b]:
                 alpha = self.alpha[id(p)]
