@@ -2129,4 +2129,8 @@ if __name__ == "__main__":
         # torchrun then adds its own report of the failed processes and exits 1
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
+        else:
+            # torchrun stops every worker once one has exited: the silent ranks wait, so that rank 0's line is out
+            # first (under load a rank 1 that exited at once got rank 0 killed before it printed)
+            time.sleep(3)
         sys.exit(2)
