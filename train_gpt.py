@@ -575,9 +575,9 @@ class ShardedAdamW(torch.optim.AdamW):
     # reads the summed gradient from reducer.reduced(p) and writes to reducer.result(p) what every rank then applies:
     # the new values, or where the results are bf16 (GRAD_REDUCE=reduce_scatter) and the parameter fp32, its step
     # (new - old) rounded to bf16, added by every rank, the owner too (it sets its range back first), so all hold the
-    # same fp32 weights. That rounding errs by at most 2^-9 of the step itself, as if the learning rate were off by
-    # 0.2% per element: well below the 2^-9 of the weight a bf16 weight would lose, and it does not build up as a
-    # bias (round to nearest)
+    # same fp32 weights. That rounding errs by at most 2^-8 of the step itself (bf16 keeps 8 significant bits), as if
+    # the learning rate were off by up to 0.4% per element: far below the 2^-8 of the weight a bf16 weight would lose,
+    # and it does not build up as a bias (round to nearest)
     def __init__(self, groups, ranges: dict | None = None, rank: int = 0, **kwargs):
         self.source, self.params = {}, [p for g in groups for p in g["params"]]
         if ranges is not None:  # the checkpoint keeps `ranges`: one of another layout is refused
@@ -585,7 +585,7 @@ class ShardedAdamW(torch.optim.AdamW):
                                       if ranges[id(p)][rank][1] > ranges[id(p)][rank][0]],
                            ranges=[list(ranges[id(p)][rank]) for p in g["params"]]) for g in groups]
         super().__init__(groups, **kwargs)
-        self.ranges = ranges or {id(p): [(0, p.numel())] for p in self.params}
+        self.ranges = ranges or {}  # empty without ranges: nothing is split
 
     def shard(self, p: Tensor, start: int, end: int) -> Tensor:
         view = p.detach().view(-1)[start:end]
@@ -633,7 +633,7 @@ class GradientReducer:
     # (Li et al. 2020) with ZeRO's partitions (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
-        self.rank, self.world_size, self.ranges = rank, world_size, ranges
+        self.ranges = ranges
         streams = [[(p, *ranges[id(p)][r]) for p in params if ranges[id(p)][r][1] > ranges[id(p)][r][0]]
                    for r in range(world_size)]
         longest = max(sum(e - s for _, s, e in stream) for stream in streams)
@@ -1730,20 +1730,31 @@ def moe_report(moes: list[tuple[int, MoE]], step: int) -> list[str]:
 # -----------------------------------------------------------------------------
 # main
 
-def load_optimizer_states(optimizers: list, states: list[dict], source: str):
+def load_optimizer_states(optimizers: list, states: list[dict], source: str, world_size: int = 1,
+                          device: torch.device | None = None):
     # the state (moments, momentum buffers) continues; the settings (learning rates, EXPERT_LR_MULT, NS_STEPS) are
     # this run's, not the ones load_state_dict would copy from the checkpoint's groups. Raises ConfigError when the
     # checkpoint's optimizers group the parameters otherwise (written by another version of train_gpt.py) or split
-    # them over the ranks otherwise
-    # GRAD_REDUCE=reduce_scatter's groups hold the ranges this rank owns (shard_owners): they must be this run's
+    # them over the ranks otherwise. Each rank checks its own part (GRAD_REDUCE=reduce_scatter's groups hold the
+    # ranges this rank owns, shard_owners'): with world_size > 1 the ranks agree first (one all_reduce on `device`),
+    # so all of them refuse when one part differs and rank 0 prints the line
     owned = lambda groups: [g.get("ranges") for g in groups]
+    layout = lambda groups: [len(g["params"]) for g in groups]
+    refused = 0
     if ([len(s["param_groups"]) for s in states] == [len(o.param_groups) for o in optimizers]
             and [owned(s["param_groups"]) for s in states] != [owned(o.param_groups) for o in optimizers]):
+        refused = 1
+    elif [layout(s["param_groups"]) for s in states] != [layout(o.param_groups) for o in optimizers]:
+        refused = 2
+    if world_size > 1:
+        flag = torch.tensor(float(refused), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        refused = int(flag.item())
+    if refused == 1:
         raise ConfigError(f"RESUME={source}: its optimizer state is split over the ranks otherwise than this run's "
                           f"(written with another GRAD_REDUCE, another model or another version of train_gpt.py); "
                           f"resume with the settings and the train_gpt.py in its run's log")
-    layout = lambda groups: [len(g["params"]) for g in groups]
-    if [layout(s["param_groups"]) for s in states] != [layout(o.param_groups) for o in optimizers]:
+    if refused == 2:
         raise ConfigError(f"RESUME={source}: its optimizers group the parameters differently from this train_gpt.py's "
                           f"(it was written by another version); resume with the version that wrote it")
     for opt, state in zip(optimizers, states):
@@ -1760,9 +1771,10 @@ def check_settings(ckpt: dict, args: Hyperparameters, world_size: int):
                           f"{world_size}: the optimizer state is split by rank; resume on {ckpt['world_size']} processes")
     was, now = ckpt["args"].get("grad_reduce", "all_reduce"), args.grad_reduce
     if world_size > 1 and (was in GRAD_REDUCE_DTYPES) != (now in GRAD_REDUCE_DTYPES):
-        raise ConfigError(f"RESUME={args.resume} was trained with GRAD_REDUCE={was}, whose Adam state is "
-                          f"{'split by' if was in GRAD_REDUCE_DTYPES else 'whole on each'} rank; resume with "
-                          f"GRAD_REDUCE={was}")
+        split = ("split element by element (shard_owners)" if was in GRAD_REDUCE_DTYPES
+                 else "Muon's split by whole matrices, Adam's whole on each rank")
+        raise ConfigError(f"RESUME={args.resume} was trained with GRAD_REDUCE={was}, whose optimizer state is "
+                          f"{split}; resume with GRAD_REDUCE={was}")
     arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
             "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
     changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
@@ -1900,7 +1912,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     if ckpt:
         check_checkpoint(ckpt, args, model, world_size)
         model.load_state_dict(ckpt["model"])
-        load_optimizer_states(optimizers, ckpt["optimizers"][rank], args.resume)
+        load_optimizer_states(optimizers, ckpt["optimizers"][rank], args.resume, world_size, device)
         train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda":

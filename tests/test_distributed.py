@@ -24,7 +24,8 @@ import trace_collectives
 
 
 # -----------------------------------------------------------------------------
-# ownership: every matrix and Adam parameter has exactly one owner, and the ranks' work is balanced
+# ownership: every Muon matrix and every element of the Adam parameters has exactly one owner, and the ranks' work
+# is balanced
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_muon_ownership_covers_every_matrix_once_and_balances_flops(world_size):
@@ -279,11 +280,11 @@ def run_tiny(shards, out, nproc: int, **settings) -> str:
     proc = launch(ROOT / ("bench/trace_collectives.py" if nproc > 1 else "train_gpt.py"), env, nproc, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if nproc > 1:
-        assert_same_collectives(out, nproc, settings.get("GRAD_REDUCE", "all_reduce"))
+        assert_same_collectives(out, nproc, settings.get("GRAD_REDUCE", "all_reduce"), "RESUME" in settings)
     return (out / "logs" / "tiny.txt").read_text()
 
 
-def assert_same_collectives(out, nproc: int, grad_reduce: str):
+def assert_same_collectives(out, nproc: int, grad_reduce: str, resumed: bool = False):
     # NCCL hangs, or reads past a buffer, where ranks differ in a collective's kind, order, dtype or shape
     ranks = [[json.loads(line)["call"] for line in (out / f"collectives_rank{r}.jsonl").read_text().splitlines()]
              for r in range(nproc)]
@@ -295,9 +296,12 @@ def assert_same_collectives(out, nproc: int, grad_reduce: str):
     names = {call[0] for call in ranks[0]}
     assert ("reduce_scatter_tensor" in names) == (grad_reduce != "all_reduce") and "all_gather_into_tensor" in names
     # the clock starts after one barrier, when every rank has compiled: before it only the weights' broadcast (the
-    # CPU does not compile, so no warmup steps come first)
+    # CPU does not compile, so no warmup steps come first), and on a resume the ranks' one all_reduce agreeing that
+    # the optimizer state fits
     kinds = [call[0] for call in ranks[0]]
-    assert kinds.count("barrier") == 1 and set(kinds[:kinds.index("barrier")]) == {"broadcast"}
+    before = kinds[:kinds.index("barrier")]
+    assert kinds.count("barrier") == 1 and set(before) - {"broadcast"} == ({"all_reduce"} if resumed else set())
+    assert before.count("all_reduce") == resumed
 
 
 def val_losses(log: str) -> list[float]:
@@ -343,9 +347,10 @@ def test_two_processes_with_uneven_shares_issue_the_same_collectives(shards, tmp
         assert sent / 4 == counted["reduce_scatter"] + counted["all_gather"]
 
 
-def test_two_process_resume_continues_exactly(shards, tmp_path):
+@pytest.mark.parametrize("grad_reduce", ["all_reduce", "reduce_scatter"])
+def test_two_process_resume_continues_exactly(shards, tmp_path, grad_reduce):
     # each rank's share of the optimizer state goes into the checkpoint and comes back to the same rank
-    settings = dict(NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, SAVE_EVERY=2)
+    settings = dict(NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128, SAVE_EVERY=2, GRAD_REDUCE=grad_reduce)
     whole = run_tiny(shards, tmp_path / "whole", 2, **settings)
     ckpt = tmp_path / "whole" / "ckpt" / "tiny" / "step_000002.pt"
     assert torch.load(ckpt)["world_size"] == 2 and len(torch.load(ckpt)["optimizers"]) == 2
@@ -354,6 +359,17 @@ def test_two_process_resume_continues_exactly(shards, tmp_path):
     proc = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path, RUN_ID="one", RESUME=str(ckpt), NUM_ITERATIONS=4,
                                                   NUM_EXPERTS=4, TOP_K=2, EXPERT_HIDDEN=128), 1, cwd=tmp_path)
     assert proc.returncode == 2 and "written by 2 processes and this run has 1" in proc.stderr
+    if grad_reduce == "reduce_scatter":
+        # rank 1's part split otherwise, rank 0's intact: both ranks refuse (rank 0 carried on before), one line
+        tampered = torch.load(ckpt, weights_only=False)
+        for group in tampered["optimizers"][1][0]["param_groups"]:
+            group["ranges"] = [[0, 0] for _ in group["ranges"]]
+        torch.save(tampered, tmp_path / "tampered.pt")
+        proc = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path, RUN_ID="tampered", RESUME=str(tmp_path / "tampered.pt"),
+                                                      **settings), 2, cwd=tmp_path)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "split over the ranks otherwise" in errors[0], proc.stderr[-3000:]
+        assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +444,8 @@ def test_resume_refuses_optimizers_grouped_otherwise():
 def test_resume_refuses_another_adam_sharding():
     args = tg.Hyperparameters(resume="old.pt", grad_reduce="all_reduce")
     ckpt = dict(world_size=2, args=dataclasses.asdict(dataclasses.replace(args, grad_reduce="reduce_scatter")))
-    with pytest.raises(tg.ConfigError, match="trained with GRAD_REDUCE=reduce_scatter, whose Adam state is split by "
-                                             "rank; resume with GRAD_REDUCE=reduce_scatter"):
+    with pytest.raises(tg.ConfigError, match="trained with GRAD_REDUCE=reduce_scatter, whose optimizer state is split "
+                                             r"element by element \(shard_owners\); resume with GRAD_REDUCE=reduce_scatter"):
         tg.check_settings(ckpt, args, 2)
     tg.check_settings(ckpt, dataclasses.replace(args, grad_reduce="reduce_scatter_fp32"), 2)  # same sharding
     tg.check_settings(dict(ckpt, world_size=1), args, 1)  # one process: nothing is split
