@@ -531,7 +531,7 @@ def checking_finish(self):
         aux = sum(step[1][i] for step in micro)
         for t in (ce, aux):
             dist.all_reduce(t)
-        s, e = self.ranges[id(p)][self.rank]
+        s, e = self.ranges[id(p)][dist.get_rank()]
         if e == s:
             continue
         owned += e - s
