@@ -93,9 +93,9 @@ class Hyperparameters:
     # all_reduce: each gradient all-reduced in the dtype it is stored in, every rank steps every Adam parameter
     # (Muon's matrices are split over the ranks either way) | reduce_scatter: bf16 buckets reduce-scattered, each
     # element stepped by its owner (ZeRO-1), the results all_gathered in bf16 | reduce_scatter_fp32: both ways in
-    # fp32 (exact as all_reduce). reduce_scatter sends a bf16 all-reduce's bytes (bench/comm_bytes.py: every bucket's segments equal),
-    # 0.5x to 0.6x all_reduce's. On 2 H200s it exposed less communication than all_reduce (before the equal
-    # segments); its bf16 loss parity is not measured yet (bench/results)
+    # fp32 (exact as all_reduce). reduce_scatter sends a bf16 all-reduce's bytes (bench/comm_bytes.py: every
+    # bucket's segments equal), 0.5x to 0.6x all_reduce's. On 2 H200s it exposed less communication than all_reduce
+    # (before the equal segments); its bf16 loss parity is not measured yet (bench/results)
     grad_reduce: str = "all_reduce"
     bucket_mb: int = 256  # MiB of parameters (counted as fp32) per reduce-scatter and all_gather bucket
     # run
@@ -490,7 +490,7 @@ class Muon(torch.optim.Optimizer):
         # stays put, and each group's updates are all_gathered here
         reduced = reducer.reduced if reducer else (lambda p: grad_or_zeros(p).view(-1)[slice(*self.owned(p))])
         pending = []
-        for group, momentum, g in zip(self.param_groups, self.momentum, range(len(self.param_groups))):
+        for g, (group, momentum) in enumerate(zip(self.param_groups, self.momentum)):
             m, n = group["matrix"]
             momentum.fill_(group["momentum"])
             mine = [p for p in group["params"] if self.owned(p)[1] > self.owned(p)[0]]
