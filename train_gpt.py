@@ -645,7 +645,10 @@ class GradientReducer:
         self.outputs = list(self.received.split(self.widths))
         self.sends = list(self.results.split(self.widths))
         self.inputs = [self.received.new_zeros(world_size * w) for w in self.widths]
-        self.gathered = [self.results.new_zeros(world_size * w) for w in self.widths]
+        # the gather lands in the reduce-scatter's input, free by then: finish() has waited on every reduce-scatter,
+        # and apply() has consumed the gathered pieces before the next step's launch() packs new gradients there.
+        # One buffer of all parameters in `dtype` fewer per GPU (E32 top-4 + 1 shared: 581M, 1.08 GiB in bf16)
+        self.gathered = self.inputs
         # per bucket: (param, its flat range, the piece of the bucket's input, of what is gathered, of the param)
         self.packs = [[] for _ in self.widths]
         self.views, members = {}, [{} for _ in self.widths]
