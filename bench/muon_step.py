@@ -50,6 +50,25 @@ def ns_flops(shapes: list[tuple[int, int, int]], steps: int, method: str, kernel
     return counter.get_total_flops()
 
 
+def traffic_bytes(params: list[torch.Tensor]) -> int:
+    # the bytes Muon's step must move outside Newton-Schulz, one rank owning every matrix: the gradient read and the
+    # parameter read and written (their dtype), the fp32 momentum read and written, the bf16 Newton-Schulz input
+    # written and the bf16 update read (memory-bound: momentum_stack, then the update's add)
+    return sum(p.numel() * (3 * p.element_size() + 2 * 4 + 2 * 2) for p in params)
+
+
+def device_peaks(device: torch.device) -> tuple[float, float]:
+    # (bytes/s of a device-to-device copy, counting bytes read and written; bf16 FLOP/s of an 8192^3 matmul):
+    # the roofs on this GPU for the floors main prints, medians of 10
+    x = torch.empty(2 ** 28, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    copy = timed(lambda: y.copy_(x), 10) / 1e3
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn_like(a)
+    mm = timed(lambda: a @ b, 10) / 1e3
+    return 2 * x.numel() * 4 / copy, 2 * 8192 ** 3 / mm
+
+
 def step_ms(opt, iters: int, device: torch.device) -> float:
     if device.type == "cuda":
         return timed(opt.step, iters)
@@ -123,6 +142,9 @@ def main():
     flops = {v: ns_flops(shapes, args.ns_steps, *v.split("/")) for v in variants}
     for v in variants:
         print(f"{v}: {flops[v] / 1e9:.1f} GFLOP a step ({flops[v] / flops[variants[0]]:.2f}x {variants[0]})")
+    traffic = traffic_bytes(params)
+    print(f"momentum and update traffic: {traffic / 1e9:.2f} GB a step "
+          f"({traffic / sum(p.numel() for p in params):.0f} bytes a weight of dtype {params[0].dtype})")
     if opts.flops:
         return
     if opts.accuracy:
@@ -150,6 +172,16 @@ def main():
         rate = f", {flops[name] / median / 1e9:.3g} TFLOP/s of Newton-Schulz FLOPs" if name in flops else ""
         print(f"{name}: median {median:.2f} ms a step over {opts.rounds} rounds (min {min(ts):.2f}, max {max(ts):.2f})"
               + rate)
+    if device.type == "cuda":
+        # the floors: no step of these FLOPs and bytes runs faster on this GPU than its two roofs allow
+        bandwidth, matmul = device_peaks(device)
+        memory = traffic / bandwidth * 1e3
+        print(f"roofs on this GPU: copy {bandwidth / 1e12:.2f} TB/s (read + write), bf16 8192^3 matmul "
+              f"{matmul / 1e12:.0f} TFLOP/s; traffic floor {memory:.2f} ms")
+        for v in variants:
+            compute = flops[v] / matmul * 1e3
+            print(f"{v}: floor {memory + compute:.2f} ms = {memory:.2f} traffic + {compute:.2f} Newton-Schulz at the "
+                  f"matmul roof; measured {statistics.median(results[v]):.2f} ms")
     if opts.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):

@@ -386,3 +386,12 @@ def test_bench_counts_the_flops_the_comments_state():
             ("gram", "triton"): B * (half(m, n) * 2 + 2 * m * m * n * 2 + s * half(m, m) + 6 * 3 * m ** 3)}
     for (method, kernel), flops in want.items():
         assert muon_step.ns_flops([(B, m, n)], s, method, kernel) == flops, (method, kernel)
+
+
+def test_bench_counts_the_traffic_outside_newton_schulz():
+    # per weight: its gradient read, the parameter read and written (its dtype), the fp32 momentum read and written,
+    # the bf16 Newton-Schulz input written and the bf16 update read: 24 bytes for fp32 weights, 18 for bf16
+    sys.path.insert(0, str(ROOT / "bench"))
+    import muon_step
+    params = [torch.empty(3, 32, 80), torch.empty(5, 7, dtype=torch.bfloat16)]
+    assert muon_step.traffic_bytes(params) == 3 * 32 * 80 * 24 + 5 * 7 * 18
