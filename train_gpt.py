@@ -415,6 +415,10 @@ def grad_or_zeros(p: Tensor) -> Tensor:
     # a parameter the forward did not use has no gradient: it counts as zero, so every rank sends and steps alike
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
+def matrix_shape(p: Tensor, halved: set) -> tuple[int, int]:
+    # (m, n) of the matrices stacked in p [..., rows, n]; a p in `halved` (ids: SwiGLU's [gate; up]) holds two per row
+    return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1)
+
 def split_stack(total: int, cost: float, load: list[float]) -> list[int]:
     # how many of a group's `total` matrices each rank owns: shares differ by at most one, and the larger shares go
     # to the ranks with the least work so far (`load`, updated in place), so the ranks end balanced by FLOPs
@@ -441,7 +445,7 @@ class Muon(torch.optim.Optimizer):
         params, halved, lr_mults = list(params), {id(p) for p in halves}, lr_mults or {}
 
         def key(p: Tensor) -> tuple[int, int, bool]:
-            return p.size(-2) // (2 if id(p) in halved else 1), p.size(-1), id(p) in lr_mults
+            return *matrix_shape(p, halved), id(p) in lr_mults
 
         # a param with a multiplier is in a group of its own whatever the value, so a checkpoint resumes with any
         groups = [dict(params=[p for p in params if key(p) == k], matrix=k[:2],
@@ -1634,8 +1638,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, rank: int, world_size: i
     # SwiGLU's first matrix is [gate; up]: two matrices to Muon, as QKV is three
     halved = {id(m.w1 if isinstance(m, MoE) else m.c_fc.weight) for m in model.modules()
               if isinstance(m, (MoE, MLP)) and m.act is swiglu}
-    units = {id(p): (p.size(-2) // (2 if id(p) in halved else 1), p.size(-1)) for p in matrices
-             if args.matrix_optimizer == "muon"}
+    units = {id(p): matrix_shape(p, halved) for p in matrices if args.matrix_optimizer == "muon"}
     # GRAD_REDUCE=reduce_scatter: every element has one owner (shard_owners); all_reduce: every rank holds every
     # summed gradient and steps every Adam parameter itself, Muon's matrices split by Muon
     sharded = world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES
