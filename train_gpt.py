@@ -1682,6 +1682,26 @@ def pick_device(local_rank: int) -> torch.device:
 def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else REPO / path
 
+def check_writable(name: str, value: str):
+    # a folder that cannot be made or written is refused at the start, not when the log or the first checkpoint is
+    # written; the folders and the file made to find out are removed, so that a refused run leaves nothing behind
+    folder = repo_path(value)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / f".write_test.{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{name}={value}: cannot create or write {folder} ({e.strerror or e}); "
+                          f"set {name} to a folder you can write to") from None
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
 def system_report() -> str:
     lines = [f"Running Python {sys.version}",
              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
@@ -1837,6 +1857,10 @@ def main(env: dict | None = None, check_only: bool = False):
     log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
     if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
+    if rank == 0:  # rank 0 writes the log and the checkpoints
+        check_writable("LOG_DIR", args.log_dir)
+        if args.save_checkpoint or args.save_every:
+            check_writable("CHECKPOINT_DIR", args.checkpoint_dir)
     ckpt = load_checkpoint(args, world_size) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     for knob, used in (("MOE_KERNEL", args.num_experts), ("NS_KERNEL", args.matrix_optimizer == "muon")):
@@ -2038,7 +2062,6 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if not master:
             return
         path = repo_path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         state = dict(step=step, args=asdict(args), model=model.state_dict(), optimizers=states, world_size=world_size,
                      loader=train_loader.state_dict(), rng=rng, train_ms=train_ms)
@@ -2046,6 +2069,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         # a partial file, whatever stops the write (full disk, kill)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)
                 f.flush()
@@ -2057,11 +2081,13 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             finally:
                 os.close(folder)
         except (OSError, RuntimeError) as e:
-            tmp.unlink(missing_ok=True)
+            if path.parent.is_dir():  # else the folder could not be made, nor the file in it
+                tmp.unlink(missing_ok=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
             log(f"stopped: could not write {path} ({reason})")
-            raise CheckpointError(f"could not write {path} ({reason}); free disk space and resume from the last "
-                                  f"checkpoint" + (f"; the log is kept at {log.path}" if log.path else "")) from None
+            raise CheckpointError(f"could not write {path} ({reason}); free disk space (or make CHECKPOINT_DIR "
+                                  f"writable) and resume from the last checkpoint"
+                                  + (f"; the log is kept at {log.path}" if log.path else "")) from None
         log(f"checkpoint: {path}")
 
     def sync():

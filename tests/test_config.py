@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_env
 from train_gpt import GPT, ConfigError, Hyperparameters, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,23 @@ def test_cli_refuses_a_newton_schulz_knob_with_adamw_in_one_line():
                        env=env | dict(MATRIX_OPTIMIZER="adamw", NS_METHOD="polar_express"), timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: NS_METHOD=polar_express") and \
         len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("knob,extra", [("LOG_DIR", {}), ("CHECKPOINT_DIR", dict(SAVE_EVERY="5")),
+                                        ("CHECKPOINT_DIR", dict(SAVE_CHECKPOINT="1"))])
+def test_cli_check_refuses_a_folder_that_cannot_be_made(shards, tmp_path, knob, extra):
+    # /proc takes no new folders: before, the log's failed at the start with a traceback and the checkpoint's only
+    # at the end of training
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(Hyperparameters)}}
+    r = subprocess.run([sys.executable, "train_gpt.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                       env=env | tiny_env(shards, tmp_path, **{knob: "/proc/x"}, **extra), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {knob}=/proc/x: cannot create or write /proc/x"), r.stderr
+
+
+def test_folders_are_checked_only_when_used_and_the_check_leaves_nothing(shards, tmp_path):
+    import train_gpt
+    train_gpt.main(tiny_env(shards, tmp_path, CHECKPOINT_DIR="/proc/x"), check_only=True)  # no checkpoint is saved
+    train_gpt.main(tiny_env(shards, tmp_path, LOG_DIR=tmp_path / "a" / "logs", SAVE_CHECKPOINT=1,
+                            CHECKPOINT_DIR=tmp_path / "b" / "ckpt"), check_only=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
