@@ -205,6 +205,9 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(2 * args.num_value_embeds <= args.num_layers,
          f"NUM_VALUE_EMBEDS={args.num_value_embeds} tables are used twice each, which needs NUM_LAYERS >= "
          f"{2 * args.num_value_embeds}, not {args.num_layers}")
+    need("/" not in args.run_id and os.sep not in args.run_id and args.run_id not in (".", ".."),
+         f"RUN_ID={args.run_id!r} names a file in LOG_DIR and a folder in CHECKPOINT_DIR: use a plain name, "
+         f"without {os.sep} and not . or ..")
     need(args.vocab_size > 50256, f"VOCAB_SIZE={args.vocab_size} must cover the GPT-2 end-of-text token 50256")
     for name in ("no_attn_layers", "long_window_layers", "moe_layers"):
         layer_list(name, getattr(args, name), args.num_layers)

@@ -84,6 +84,14 @@ def test_impossible_config_is_rejected(env, world_size, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", "/tmp/x", "..", "."])
+def test_run_id_that_leaves_log_dir_is_refused(run_id):
+    # the log is LOG_DIR/<RUN_ID>.txt, the checkpoints CHECKPOINT_DIR/<RUN_ID>/: RUN_ID=../escape wrote beside LOG_DIR
+    with pytest.raises(ConfigError, match=f"RUN_ID={run_id!r} names a file in LOG_DIR"):
+        load_config(dict(RUN_ID=run_id))
+    load_config(dict(RUN_ID=run_id.replace("/", "_").replace(".", "x")))
+
+
 def test_limits_themselves_are_allowed():
     env = dict(NUM_LAYERS="6", NUM_VALUE_EMBEDS="3", NO_ATTN_LAYERS="0,5", LONG_WINDOW_LAYERS="1,4",
                TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="4096", VAL_SEQ_LEN="1024", VAL_TOKENS="4096")
