@@ -201,6 +201,8 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.num_heads >= 1 and args.head_dim % 8 == 0 and args.head_dim > 0,
          f"NUM_HEADS={args.num_heads} x HEAD_DIM={args.head_dim}: need at least one head and HEAD_DIM a multiple of 8")
     need(args.num_layers >= 1, "NUM_LAYERS must be at least 1")
+    for name in ("model_dim", "mlp_hidden"):  # a zero width builds empty matrices, which Muon divides by
+        need(getattr(args, name) >= 1, f"{name.upper()}={getattr(args, name)} must be at least 1 (a layer's width)")
     need(args.ns_steps >= 1, f"NS_STEPS={args.ns_steps}: Muon needs at least 1 Newton-Schulz iteration")
     need(2 * args.num_value_embeds <= args.num_layers,
          f"NUM_VALUE_EMBEDS={args.num_value_embeds} tables are used twice each, which needs NUM_LAYERS >= "

@@ -129,6 +129,9 @@ def test_unrelated_variables_that_share_a_word_are_not_flagged():
     (dict(VAL_TOKENS="0"), "VAL_TOKENS=0 must be positive"),
     (dict(TRAIN_BATCH_TOKENS="0"), "TRAIN_BATCH_TOKENS=0 must be positive"),
     (dict(PROFILE_STEPS="5", NUM_ITERATIONS="7"), "PROFILE_STEPS=5"),
+    (dict(MLP_HIDDEN="0"), "MLP_HIDDEN=0 must be at least 1"),  # ZeroDivisionError in Muon's first step
+    (dict(MODEL_DIM="0", NUM_VALUE_EMBEDS="0"), "MODEL_DIM=0 must be at least 1"),
+    (dict(MODEL_DIM="0"), "MODEL_DIM=0 must be at least 1"),
 ])
 def test_settings_that_would_crash_later_are_refused(env, needle):
     with pytest.raises(ConfigError) as e:
