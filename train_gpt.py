@@ -225,6 +225,9 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.profile_steps == 0 or 5 + args.profile_steps <= args.num_iterations,
          f"PROFILE_STEPS={args.profile_steps} traces the steps after the first 5, but NUM_ITERATIONS="
          f"{args.num_iterations} leaves only {max(args.num_iterations - 5, 0)}; lower PROFILE_STEPS or train longer")
+    need(args.cooldown_frac <= 1, f"COOLDOWN_FRAC={args.cooldown_frac} is a fraction of training: use 0 to 1")
+    for name in ("muon_momentum", "muon_momentum_start"):  # at 1 the momentum never forgets a gradient
+        need(getattr(args, name) < 1, f"{name.upper()}={getattr(args, name)} must be below 1, e.g. 0.95")
     need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
     need(args.ns_method in ("quintic", "polar_express", "gram"),
          f"NS_METHOD={args.ns_method!r}: use quintic, polar_express or gram")

@@ -93,6 +93,8 @@ def test_run_id_that_leaves_log_dir_is_refused(run_id):
 
 
 def test_limits_themselves_are_allowed():
+    load_config(dict(COOLDOWN_FRAC="0", MUON_MOMENTUM="0", MUON_MOMENTUM_START="0"))
+    load_config(dict(COOLDOWN_FRAC="1", MUON_MOMENTUM="0.999", MUON_MOMENTUM_START="0.999"))
     env = dict(NUM_LAYERS="6", NUM_VALUE_EMBEDS="3", NO_ATTN_LAYERS="0,5", LONG_WINDOW_LAYERS="1,4",
                TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="4096", VAL_SEQ_LEN="1024", VAL_TOKENS="4096")
     validate(load_config(env), world_size=4)
@@ -129,6 +131,9 @@ def test_unrelated_variables_that_share_a_word_are_not_flagged():
     (dict(VAL_TOKENS="0"), "VAL_TOKENS=0 must be positive"),
     (dict(TRAIN_BATCH_TOKENS="0"), "TRAIN_BATCH_TOKENS=0 must be positive"),
     (dict(PROFILE_STEPS="5", NUM_ITERATIONS="7"), "PROFILE_STEPS=5"),
+    (dict(COOLDOWN_FRAC="1.5"), "COOLDOWN_FRAC=1.5 is a fraction of training: use 0 to 1"),
+    (dict(MUON_MOMENTUM="1.0"), "MUON_MOMENTUM=1.0 must be below 1"),
+    (dict(MUON_MOMENTUM_START="1.2"), "MUON_MOMENTUM_START=1.2 must be below 1"),
     (dict(MLP_HIDDEN="0"), "MLP_HIDDEN=0 must be at least 1"),  # ZeroDivisionError in Muon's first step
     (dict(MODEL_DIM="0", NUM_VALUE_EMBEDS="0"), "MODEL_DIM=0 must be at least 1"),
     (dict(MODEL_DIM="0"), "MODEL_DIM=0 must be at least 1"),
