@@ -1878,6 +1878,10 @@ def main(env: dict | None = None, check_only: bool = False):
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
     val_files = find_shards(args.val_files, "VAL_FILES")
+    both = sorted({f.resolve() for f in train_files} & {f.resolve() for f in val_files})
+    if both:  # training on the validation tokens makes the val loss meaningless
+        raise DataError(f"{both[0]} is matched by both TRAIN_FILES={args.train_files} and VAL_FILES={args.val_files}; "
+                        f"narrow TRAIN_FILES to leave out the val shards")
     # the loader skips each shard's tail that cannot fill a whole batch (+1 target token): count what it can read
     val_batch = world_size * args.val_seq_len
     val_available = sum((check_shard(f) - 1) // val_batch * val_batch for f in val_files)

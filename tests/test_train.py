@@ -269,6 +269,14 @@ def test_empty_or_folder_val_files_names_val_files(shared_shards, tmp_path, val_
     assert "*" in str(e.value)
 
 
+def test_a_val_shard_also_matched_by_train_files_is_refused(shared_shards, tmp_path):
+    env = tiny_env(shared_shards, tmp_path, TRAIN_FILES=shared_shards / "syn_*.bin")
+    with pytest.raises(train_gpt.DataError) as e:
+        train_gpt.main(env, check_only=True)
+    val_shard = (shared_shards / "syn_val_000000.bin").resolve()
+    assert str(e.value).startswith(f"{val_shard} is matched by both TRAIN_FILES=")
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_no_file_under_its_name(shared_shards, tmp_path):
     # a file size limit stands in for a full disk: the ~30 MB checkpoint is cut off at 2 MB, the log is not
     import resource
