@@ -44,6 +44,11 @@ class LogError(Exception):
     pass
 
 
+class NotALog(LogError):
+    # a file that is no training log at all (not text, no step lines): skipped in a folder, refused when named
+    pass
+
+
 @dataclass
 class ValPoint:
     step: int
@@ -112,7 +117,7 @@ def parse_log(path: Path) -> Run:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise LogError(f"{path} is not a training log (it is not text); pass a log written by train_gpt.py")
+        raise NotALog(f"{path} is not a training log (it is not text); pass a log written by train_gpt.py")
     except OSError as error:
         raise LogError(f"cannot read {path} ({error.strerror}); check the path")
     separator = next((i for i, line in enumerate(lines) if SEPARATOR.match(line)), None)
@@ -169,7 +174,7 @@ def parse_log(path: Path) -> Run:
             smi_gpus.add(match[1])
 
     if last_step is None and not info:
-        raise LogError(f"{path} is not a training log: it has no 'step:N/M ... train_time:...ms' lines; "
+        raise NotALog(f"{path} is not a training log: it has no 'step:N/M ... train_time:...ms' lines; "
                        "pass a log written by train_gpt.py or modded-nanogpt")
     if not math.isfinite(step_avg_ms) and last_step:
         step_avg_ms = train_time_ms / last_step
@@ -212,12 +217,28 @@ def expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def load_runs(patterns: list[str]) -> list[Run]:
-    return [parse_log(path) for path in expand(patterns)]
-
-
 def note(message: str) -> None:
     print(f"logger.py: note: {message}", file=sys.stderr)
+
+
+def load_runs(patterns: list[str]) -> list[Run]:
+    # a folder is searched for every *.txt, notes and READMEs included: those are skipped, a file named is refused
+    named = set(expand([pattern for pattern in patterns if not Path(pattern).is_dir()]))
+    runs, skipped = [], []
+    for path in expand(patterns):
+        try:
+            runs.append(parse_log(path))
+        except NotALog:
+            if path in named:
+                raise
+            skipped.append(path)
+    if skipped and not runs:
+        raise LogError(f"the folders given hold no training logs, only other *.txt files such as {skipped[0]}; "
+                       "pass the folder train_gpt.py writes them to (logs/)")
+    if skipped:
+        note(f"skipped {len(skipped)} *.txt file(s) of the folders given that are not training logs "
+             f"(first: {skipped[0]})")
+    return runs
 
 
 # -----------------------------------------------------------------------------
@@ -789,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     logs = argparse.ArgumentParser(add_help=False)
     logs.add_argument("paths", nargs="+", metavar="LOG",
-                      help="log files, folders (searched recursively for *.txt) or quoted globs")
+                      help="log files, folders (searched recursively for *.txt, skipping those that are not logs) "
+                           "or quoted globs")
 
     summary = commands.add_parser(
         "summary", parents=[logs], help="one row per run: config, final val loss, timing, memory, expert balance",

@@ -201,10 +201,15 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.num_heads >= 1 and args.head_dim % 8 == 0 and args.head_dim > 0,
          f"NUM_HEADS={args.num_heads} x HEAD_DIM={args.head_dim}: need at least one head and HEAD_DIM a multiple of 8")
     need(args.num_layers >= 1, "NUM_LAYERS must be at least 1")
+    for name in ("model_dim", "mlp_hidden"):  # a zero width builds empty matrices, which Muon divides by
+        need(getattr(args, name) >= 1, f"{name.upper()}={getattr(args, name)} must be at least 1 (a layer's width)")
     need(args.ns_steps >= 1, f"NS_STEPS={args.ns_steps}: Muon needs at least 1 Newton-Schulz iteration")
     need(2 * args.num_value_embeds <= args.num_layers,
          f"NUM_VALUE_EMBEDS={args.num_value_embeds} tables are used twice each, which needs NUM_LAYERS >= "
          f"{2 * args.num_value_embeds}, not {args.num_layers}")
+    need("/" not in args.run_id and os.sep not in args.run_id and args.run_id not in (".", ".."),
+         f"RUN_ID={args.run_id!r} names a file in LOG_DIR and a folder in CHECKPOINT_DIR: use a plain name, "
+         f"without {os.sep} and not . or ..")
     need(args.vocab_size > 50256, f"VOCAB_SIZE={args.vocab_size} must cover the GPT-2 end-of-text token 50256")
     for name in ("no_attn_layers", "long_window_layers", "moe_layers"):
         layer_list(name, getattr(args, name), args.num_layers)
@@ -220,6 +225,9 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.profile_steps == 0 or 5 + args.profile_steps <= args.num_iterations,
          f"PROFILE_STEPS={args.profile_steps} traces the steps after the first 5, but NUM_ITERATIONS="
          f"{args.num_iterations} leaves only {max(args.num_iterations - 5, 0)}; lower PROFILE_STEPS or train longer")
+    need(args.cooldown_frac <= 1, f"COOLDOWN_FRAC={args.cooldown_frac} is a fraction of training: use 0 to 1")
+    for name in ("muon_momentum", "muon_momentum_start"):  # at 1 the momentum never forgets a gradient
+        need(getattr(args, name) < 1, f"{name.upper()}={getattr(args, name)} must be below 1, e.g. 0.95")
     need(args.matrix_optimizer in ("muon", "adamw"), f"MATRIX_OPTIMIZER={args.matrix_optimizer!r}: use muon or adamw")
     need(args.ns_method in ("quintic", "polar_express", "gram"),
          f"NS_METHOD={args.ns_method!r}: use quintic, polar_express or gram")
@@ -1682,6 +1690,26 @@ def pick_device(local_rank: int) -> torch.device:
 def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else REPO / path
 
+def check_writable(name: str, value: str):
+    # a folder that cannot be made or written is refused at the start, not when the log or the first checkpoint is
+    # written; the folders and the file made to find out are removed, so that a refused run leaves nothing behind
+    folder = repo_path(value)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / f".write_test.{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{name}={value}: cannot create or write {folder} ({e.strerror or e}); "
+                          f"set {name} to a folder you can write to") from None
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
 def system_report() -> str:
     lines = [f"Running Python {sys.version}",
              f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
@@ -1837,6 +1865,10 @@ def main(env: dict | None = None, check_only: bool = False):
     log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
     if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
         raise ConfigError(f"RUN_ID={args.run_id}: {log_file} already exists; choose another RUN_ID or move that log")
+    if rank == 0:  # rank 0 writes the log and the checkpoints
+        check_writable("LOG_DIR", args.log_dir)
+        if args.save_checkpoint or args.save_every:
+            check_writable("CHECKPOINT_DIR", args.checkpoint_dir)
     ckpt = load_checkpoint(args, world_size) if args.resume else None
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     for knob, used in (("MOE_KERNEL", args.num_experts), ("NS_KERNEL", args.matrix_optimizer == "muon")):
@@ -1846,6 +1878,10 @@ def main(env: dict | None = None, check_only: bool = False):
     # data errors surface before any GPU work
     train_files = find_shards(args.train_files, "TRAIN_FILES")
     val_files = find_shards(args.val_files, "VAL_FILES")
+    both = sorted({f.resolve() for f in train_files} & {f.resolve() for f in val_files})
+    if both:  # training on the validation tokens makes the val loss meaningless
+        raise DataError(f"{both[0]} is matched by both TRAIN_FILES={args.train_files} and VAL_FILES={args.val_files}; "
+                        f"narrow TRAIN_FILES to leave out the val shards")
     # the loader skips each shard's tail that cannot fill a whole batch (+1 target token): count what it can read
     val_batch = world_size * args.val_seq_len
     val_available = sum((check_shard(f) - 1) // val_batch * val_batch for f in val_files)
@@ -2038,7 +2074,6 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         if not master:
             return
         path = repo_path(args.checkpoint_dir) / run_id / f"step_{step:06d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         state = dict(step=step, args=asdict(args), model=model.state_dict(), optimizers=states, world_size=world_size,
                      loader=train_loader.state_dict(), rng=rng, train_ms=train_ms)
@@ -2046,6 +2081,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
         # a partial file, whatever stops the write (full disk, kill)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)
                 f.flush()
@@ -2057,11 +2093,13 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             finally:
                 os.close(folder)
         except (OSError, RuntimeError) as e:
-            tmp.unlink(missing_ok=True)
+            if path.parent.is_dir():  # else the folder could not be made, nor the file in it
+                tmp.unlink(missing_ok=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
             log(f"stopped: could not write {path} ({reason})")
-            raise CheckpointError(f"could not write {path} ({reason}); free disk space and resume from the last "
-                                  f"checkpoint" + (f"; the log is kept at {log.path}" if log.path else "")) from None
+            raise CheckpointError(f"could not write {path} ({reason}); free disk space (or make CHECKPOINT_DIR "
+                                  f"writable) and resume from the last checkpoint"
+                                  + (f"; the log is kept at {log.path}" if log.path else "")) from None
         log(f"checkpoint: {path}")
 
     def sync():

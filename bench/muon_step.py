@@ -103,20 +103,37 @@ def accuracy(shapes: list[tuple[int, int, int]], steps: int, variants: list[str]
         print(f"{m}x{n}: " + ", ".join(cells), flush=True)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number, at least 1")
+    return int(text)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iters", type=int, default=20, help="timed steps per round (the median is kept)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(description="Time Muon's step alone on the hidden matrices of the model the "
+                                 "environment configures (as train_gpt.py reads it), for every NS_METHOD x NS_KERNEL")
+    ap.add_argument("--iters", type=positive, default=20, help="timed steps per round (the median is kept)")
+    ap.add_argument("--rounds", type=positive, default=3,
+                    help="rounds, each timing every variant in turn (the median over rounds is printed)")
     ap.add_argument("--variants", default="", help="comma-separated METHOD/KERNEL, e.g. quintic/torch,gram/triton "
                                                    "(default: every method, with triton where it runs)")
     ap.add_argument("--against", help="path of another train_gpt.py whose Muon is timed alongside")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: the GPU if there is one")
     ap.add_argument("--flops", action="store_true", help="print the FLOP counts and exit")
     ap.add_argument("--accuracy", action="store_true", help="print each variant's error against float64 and exit")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps of the first variant")
     opts = ap.parse_args()
-    args = tg.load_config(dict(os.environ))
+    try:
+        args = tg.load_config(dict(os.environ))
+    except tg.ConfigError as e:
+        ap.exit(2, f"error: {e}\n")
+    if opts.against and not Path(opts.against).is_file():
+        ap.exit(2, f"error: --against {opts.against}: no such file; give the path of another train_gpt.py\n")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, "error: --device cuda: no GPU is visible; use --device cpu\n")
     device = torch.device("cpu") if opts.device == "cpu" else tg.pick_device(0)
+    if opts.profile and device.type != "cuda":
+        ap.exit(2, "error: --profile lists GPU kernels and this runs on the CPU; leave --profile out\n")
     kernels = KERNELS if tg.triton_runs_on(device) else KERNELS[:1]
     variants = opts.variants.split(",") if opts.variants else [f"{m}/{k}" for k in kernels for m in METHODS]
     bad = [v for v in variants if v.count("/") != 1 or v.split("/")[0] not in METHODS or v.split("/")[1] not in KERNELS]

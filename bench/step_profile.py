@@ -14,11 +14,19 @@ import train_gpt as tg
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description="Where a training step's time goes on the GPU: forward+backward, "
+                                 "optimizers and Muon, and the top kernels (settings from the environment, as "
+                                 "train_gpt.py reads them)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kernels", type=int, default=25, help="rows of the kernel table (0 = no profile)")
     opts = ap.parse_args()
-    args = tg.load_config(dict(os.environ))
+    try:
+        args = tg.load_config(dict(os.environ))
+        train_files = tg.find_shards(args.train_files, "TRAIN_FILES")
+    except (tg.ConfigError, tg.DataError) as e:
+        ap.exit(2, f"error: {e}\n")
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: bench/step_profile.py times CUDA events: run it on a GPU\n")
     device = tg.pick_device(0)
     torch.manual_seed(args.seed)
     model = tg.GPT(args).to(device)
@@ -29,8 +37,7 @@ def main():
     optimizers = tg.build_optimizers(model, args, 0, 1, device)
     moes = [m for m in model.modules() if isinstance(m, tg.MoE)]
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    loader = tg.DataLoader(tg.find_shards(args.train_files, "TRAIN_FILES"), args.train_seq_len, args.train_seq_len,
-                           0, 1, device)
+    loader = tg.DataLoader(train_files, args.train_seq_len, args.train_seq_len, 0, 1, device)
     window = torch.tensor(tg.window_blocks_at(args.num_iterations // 2, args), dtype=torch.int32, device=device)
 
     def fwd_bwd():

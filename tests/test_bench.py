@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_gpt
 from conftest import write_shard
@@ -243,3 +244,47 @@ def test_dry_run_refuses_a_misspelt_setting_through_the_real_check(tmp_path, wik
                        env=env | dict(VAL_TOKENS="4194304"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "did you mean NUM_EXPERTS?" in r.stderr, r.stderr
     assert "the moe runs' settings (NUM_EXPERT=8) are refused" in r.stderr and "moe_700_s0" not in r.stdout
+
+
+def bench_py(script: str, *args: str, **settings) -> subprocess.CompletedProcess:
+    # a Python bench script with only these trainer settings in the environment
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(train_gpt.Hyperparameters)}}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env | settings,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["step_profile.py", "muon_step.py", "comm_bytes.py"])
+def test_a_misspelt_setting_is_one_error_line(script):
+    r = bench_py(script, NUM_EXPERT="8")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr == "error: environment variable NUM_EXPERT is not a setting; did you mean NUM_EXPERTS?\n", r.stderr
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("muon_step.py", ["--iters", "0"], "muon_step.py: error: argument --iters: '0' must be a whole number, at least 1"),
+    ("muon_step.py", ["--rounds", "0"], "muon_step.py: error: argument --rounds: '0' must be a whole number, at least 1"),
+    ("muon_step.py", ["--against", "/nope.py"],
+     "error: --against /nope.py: no such file; give the path of another train_gpt.py"),
+    pytest.param("muon_step.py", ["--device", "cuda"], "error: --device cuda: no GPU is visible; use --device cpu",
+                 marks=NO_GPU),
+    pytest.param("muon_step.py", ["--profile"], "error: --profile lists GPU kernels and this runs on the CPU",
+                 marks=NO_GPU),
+    pytest.param("step_profile.py", [], "error: bench/step_profile.py times CUDA events: run it on a GPU",
+                 marks=NO_GPU),
+])
+def test_bad_arguments_are_refused_before_the_model_is_built(shards, script, args, message):
+    r = bench_py(script, *args, TRAIN_FILES=str(shards / "syn_train_*.bin"))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines()[-1].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script,needles", [
+    ("muon_step.py", ["Time Muon's step alone", "--rounds ROUNDS", "median over rounds", "top GPU kernels"]),
+    ("step_profile.py", ["Where a training step's time goes"]),
+])
+def test_python_bench_scripts_describe_themselves(script, needles):
+    r = bench_py(script, "--help")
+    assert r.returncode == 0 and all(n in " ".join(r.stdout.split()) for n in needles), r.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_env
 from train_gpt import GPT, ConfigError, Hyperparameters, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,17 @@ def test_impossible_config_is_rejected(env, world_size, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", "/tmp/x", "..", "."])
+def test_run_id_that_leaves_log_dir_is_refused(run_id):
+    # the log is LOG_DIR/<RUN_ID>.txt, the checkpoints CHECKPOINT_DIR/<RUN_ID>/: RUN_ID=../escape wrote beside LOG_DIR
+    with pytest.raises(ConfigError, match=f"RUN_ID={run_id!r} names a file in LOG_DIR"):
+        load_config(dict(RUN_ID=run_id))
+    load_config(dict(RUN_ID=run_id.replace("/", "_").replace(".", "x")))
+
+
 def test_limits_themselves_are_allowed():
+    load_config(dict(COOLDOWN_FRAC="0", MUON_MOMENTUM="0", MUON_MOMENTUM_START="0"))
+    load_config(dict(COOLDOWN_FRAC="1", MUON_MOMENTUM="0.999", MUON_MOMENTUM_START="0.999"))
     env = dict(NUM_LAYERS="6", NUM_VALUE_EMBEDS="3", NO_ATTN_LAYERS="0,5", LONG_WINDOW_LAYERS="1,4",
                TRAIN_SEQ_LEN="1024", TRAIN_BATCH_TOKENS="4096", VAL_SEQ_LEN="1024", VAL_TOKENS="4096")
     validate(load_config(env), world_size=4)
@@ -120,6 +131,12 @@ def test_unrelated_variables_that_share_a_word_are_not_flagged():
     (dict(VAL_TOKENS="0"), "VAL_TOKENS=0 must be positive"),
     (dict(TRAIN_BATCH_TOKENS="0"), "TRAIN_BATCH_TOKENS=0 must be positive"),
     (dict(PROFILE_STEPS="5", NUM_ITERATIONS="7"), "PROFILE_STEPS=5"),
+    (dict(COOLDOWN_FRAC="1.5"), "COOLDOWN_FRAC=1.5 is a fraction of training: use 0 to 1"),
+    (dict(MUON_MOMENTUM="1.0"), "MUON_MOMENTUM=1.0 must be below 1"),
+    (dict(MUON_MOMENTUM_START="1.2"), "MUON_MOMENTUM_START=1.2 must be below 1"),
+    (dict(MLP_HIDDEN="0"), "MLP_HIDDEN=0 must be at least 1"),  # ZeroDivisionError in Muon's first step
+    (dict(MODEL_DIM="0", NUM_VALUE_EMBEDS="0"), "MODEL_DIM=0 must be at least 1"),
+    (dict(MODEL_DIM="0"), "MODEL_DIM=0 must be at least 1"),
 ])
 def test_settings_that_would_crash_later_are_refused(env, needle):
     with pytest.raises(ConfigError) as e:
@@ -158,3 +175,23 @@ def test_cli_refuses_a_newton_schulz_knob_with_adamw_in_one_line():
                        env=env | dict(MATRIX_OPTIMIZER="adamw", NS_METHOD="polar_express"), timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: NS_METHOD=polar_express") and \
         len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("knob,extra", [("LOG_DIR", {}), ("CHECKPOINT_DIR", dict(SAVE_EVERY="5")),
+                                        ("CHECKPOINT_DIR", dict(SAVE_CHECKPOINT="1"))])
+def test_cli_check_refuses_a_folder_that_cannot_be_made(shards, tmp_path, knob, extra):
+    # /proc takes no new folders: before, the log's failed at the start with a traceback and the checkpoint's only
+    # at the end of training
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(Hyperparameters)}}
+    r = subprocess.run([sys.executable, "train_gpt.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                       env=env | tiny_env(shards, tmp_path, **{knob: "/proc/x"}, **extra), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {knob}=/proc/x: cannot create or write /proc/x"), r.stderr
+
+
+def test_folders_are_checked_only_when_used_and_the_check_leaves_nothing(shards, tmp_path):
+    import train_gpt
+    train_gpt.main(tiny_env(shards, tmp_path, CHECKPOINT_DIR="/proc/x"), check_only=True)  # no checkpoint is saved
+    train_gpt.main(tiny_env(shards, tmp_path, LOG_DIR=tmp_path / "a" / "logs", SAVE_CHECKPOINT=1,
+                            CHECKPOINT_DIR=tmp_path / "b" / "ckpt"), check_only=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -551,6 +551,24 @@ def test_unreadable_logs_give_the_documented_error(tmp_path, capsys, content, me
     assert code == 2 and message in err and str(tmp_path / "bad.txt") in err
 
 
+def test_a_folder_skips_txt_files_that_are_not_logs_and_a_named_one_is_refused(tmp_path, capsys):
+    # a logs folder also holds notes: searched, they are skipped with one note line; named, refused as before
+    folder = tmp_path / "logs"
+    write_log(folder / "run.txt", [(0, 0, 10.8), (10, 1000, 5.2)], 10)
+    (folder / "notes.txt").write_text("step one: buy GPUs\n")
+    (folder / "deep").mkdir()
+    (folder / "deep" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    code, out, err = run_cli(capsys, "summary", folder)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[2:]] == ["run"], out
+    assert err == ("logger.py: note: skipped 2 *.txt file(s) of the folders given that are not training logs "
+                   f"(first: {folder / 'deep' / 'image.txt'})\n")
+    code, out, err = run_cli(capsys, "summary", folder, folder / "notes.txt")
+    assert code == 2 and err.startswith(f"logger.py: error: {folder / 'notes.txt'} is not a training log: "), err
+    (folder / "run.txt").unlink()
+    code, out, err = run_cli(capsys, "summary", folder)
+    assert code == 2 and err.startswith("logger.py: error: the folders given hold no training logs"), err
+
+
 def test_missing_paths_and_empty_folders_are_errors(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     assert run_cli(capsys, "summary", missing)[2] == f"logger.py: error: {missing} matches no file; " \

@@ -269,6 +269,14 @@ def test_empty_or_folder_val_files_names_val_files(shared_shards, tmp_path, val_
     assert "*" in str(e.value)
 
 
+def test_a_val_shard_also_matched_by_train_files_is_refused(shared_shards, tmp_path):
+    env = tiny_env(shared_shards, tmp_path, TRAIN_FILES=shared_shards / "syn_*.bin")
+    with pytest.raises(train_gpt.DataError) as e:
+        train_gpt.main(env, check_only=True)
+    val_shard = (shared_shards / "syn_val_000000.bin").resolve()
+    assert str(e.value).startswith(f"{val_shard} is matched by both TRAIN_FILES=")
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_no_file_under_its_name(shared_shards, tmp_path):
     # a file size limit stands in for a full disk: the ~30 MB checkpoint is cut off at 2 MB, the log is not
     import resource
@@ -284,6 +292,19 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_file_under_its_name(share
     assert str(path) in str(e.value)
     assert list(path.parent.iterdir()) == []  # neither the checkpoint's name nor a temporary file
     assert (tmp_path / "logs" / "tiny.txt").read_text().splitlines()[-1].startswith(f"stopped: could not write {path}")
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_stops_with_the_log_kept(shared_shards, tmp_path):
+    # CHECKPOINT_DIR is writable but a file holds the run's folder name: the mkdir fails at the first save
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "tiny").write_text("not a folder\n")
+    with pytest.raises(train_gpt.CheckpointError) as e:
+        train_gpt.main(tiny_env(shared_shards, tmp_path, NUM_ITERATIONS=2, VAL_LOSS_EVERY=0, SAVE_CHECKPOINT=1,
+                                TRAIN_BATCH_TOKENS=256, VAL_TOKENS=512))
+    path = tmp_path / "ckpt" / "tiny" / "step_000002.pt"
+    assert f"could not write {path}" in str(e.value) and "the log is kept" in str(e.value)
+    lines = (tmp_path / "logs" / "tiny.txt").read_text().splitlines()
+    assert lines[-2].startswith("step:2/2 val_loss:") and lines[-1].startswith(f"stopped: could not write {path}")
 
 
 @pytest.mark.parametrize("case,message", [
