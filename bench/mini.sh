@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The mini speedrun of shared/BENCHMARK.md on one GPU: record-21 recipe scaled to 800 steps of 49,152 tokens on
 # wikiblogs. Usage: [NUM_EXPERTS=8 ...] bench/mini.sh [--check] [DATA_DIR]   (midi: NUM_ITERATIONS=2000
-# VAL_LOSS_EVERY=250 TRAIN_SHARDS='[1-5]'; --check: check the settings and shards only). Settings pass through.
+# VAL_LOSS_EVERY=250 TRAIN_SHARDS='[1-5]'; --check: check the settings and shards only). Settings pass through,
+# but TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, TRAIN_FILES and VAL_FILES are the mini's own (set, they are refused).
 set -euo pipefail
 case "${1:-}" in
-    -h|--help) sed -n '2,4s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,5s/^# \{0,1\}//p' "$0"; exit 0 ;;
 esac
 check=0
 [[ ${1:-} == --check ]] && { check=1; shift; }
+for fixed in TRAIN_SEQ_LEN TRAIN_BATCH_TOKENS TRAIN_FILES VAL_FILES; do  # the benchmark's own: refused, not dropped
+    [[ -z ${!fixed+set} ]] || { echo "mini.sh: error: $fixed is set by the mini (49,152 tokens a step, the wikiblogs" \
+        "shards of DATA_DIR); unset it, or run train_gpt.py through ./run.sh for other sizes or data" >&2; exit 2; }
+done
+[[ $# -le 1 ]] || { echo "mini.sh: error: one DATA_DIR at most, got: $*; settings go in the environment" >&2; exit 2; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-$root/data/wikiblogs}
 [[ -d $dir ]] || { echo "mini.sh: error: data folder $dir does not exist; pass DATA_DIR or stage the corpus" \

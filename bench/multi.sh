@@ -2,12 +2,18 @@
 # The multi-GPU benchmark of shared/BENCHMARK.md beside the mini: the record-21 recipe through run.sh on NPROC GPUs
 # (default: all found), 49,152 tokens per GPU per step (no accumulation), wikiblogs train shards 1-5, validation on the
 # first 4,194,304 val tokens. Default NUM_ITERATIONS: two passes over the shards (2 GPUs: 2030, 4: 1010, 8: 500).
-# Usage: [NPROC=4] [NUM_EXPERTS=8 ...] bench/multi.sh [DATA_DIR]. Any other setting passes through the environment.
+# Usage: [NPROC=4] [NUM_EXPERTS=8 ...] bench/multi.sh [DATA_DIR]. Other settings pass through the environment, but
+# TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, TRAIN_FILES and VAL_FILES are the benchmark's own (set, they are refused).
 set -euo pipefail
 case "${1:-}" in
-    -h|--help) sed -n '2,5s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,6s/^# \{0,1\}//p' "$0"; exit 0 ;;
 esac
 fail() { echo "multi.sh: error: $*" >&2; exit 2; }
+for fixed in TRAIN_SEQ_LEN TRAIN_BATCH_TOKENS TRAIN_FILES VAL_FILES; do  # the benchmark's own: refused, not dropped
+    [[ -z ${!fixed+set} ]] || fail "$fixed is set by the benchmark (49,152 tokens per GPU a step, the wikiblogs" \
+                                   "shards of DATA_DIR); unset it, or run ./run.sh for other sizes or data"
+done
+[[ $# -le 1 ]] || fail "one DATA_DIR at most, got: $*; settings go in the environment"
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${1:-$root/data/wikiblogs}
 [[ -d $dir ]] || fail "data folder $dir does not exist; pass DATA_DIR or stage the corpus" \

@@ -236,6 +236,27 @@ def test_mini_checks_the_settings_before_torchrun(tmp_path, wikiblogs):
     assert r.returncode == 0 and "--nproc_per_node=1" in (calls / "torchrun.args").read_text().split(), r.stderr
 
 
+FIXED = ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "TRAIN_FILES", "VAL_FILES")
+
+
+@pytest.mark.parametrize("script", ["mini.sh", "multi.sh"])
+@pytest.mark.parametrize("fixed", FIXED)
+def test_the_benchmarks_refuse_the_settings_they_fix(tmp_path, wikiblogs, script, fixed):
+    # "settings pass through", but not these: each benchmark sets them itself, so a user's value would be dropped
+    r, launched = multi(tmp_path, wikiblogs, **{fixed: "1024"}) if script == "multi.sh" else (subprocess.run(
+        ["bash", str(ROOT / "bench" / script), "--check", str(wikiblogs)], env=dict(os.environ, **{fixed: "1024"}),
+        capture_output=True, text=True, timeout=60), {})
+    assert r.returncode == 2 and not launched, r.stderr
+    assert r.stderr.startswith(f"{script}: error: {fixed} is set by") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("script", ["mini.sh", "multi.sh"])
+def test_the_benchmarks_refuse_a_second_argument(tmp_path, wikiblogs, script):
+    r = subprocess.run(["bash", str(ROOT / "bench" / script), str(wikiblogs), "NUM_EXPERTS=8"], capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k not in FIXED})
+    assert r.returncode == 2 and "one DATA_DIR at most" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_dry_run_refuses_a_misspelt_setting_through_the_real_check(tmp_path, wikiblogs):
     env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(train_gpt.Hyperparameters)}
            and k not in SETTINGS}
