@@ -1856,11 +1856,27 @@ def load_checkpoint(args: Hyperparameters, world_size: int) -> dict:
     check_settings(ckpt, args, world_size)
     return ckpt
 
+def launcher_int(name: str, default: int, least: int) -> int:
+    # RANK, WORLD_SIZE and LOCAL_RANK come from torchrun; set by hand (WORLD_SIZE=0, =abc) they crashed further on
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ConfigError(f"{name}={raw!r} is not an integer >= {least}; unset {name} for one process, or launch "
+                          f"with torchrun (run.sh NPROC=<GPUs>), which sets it")
+    return value
+
 def main(env: dict | None = None, check_only: bool = False):
-    args = load_config(dict(os.environ) if env is None else env)
     distributed = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launcher_int("WORLD_SIZE", 1, 1)
+    rank = launcher_int("RANK", 0, 0)
+    local_rank = launcher_int("LOCAL_RANK", 0, 0)
+    if rank >= world_size:
+        raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={world_size}; ranks run 0..WORLD_SIZE-1 "
+                          f"(launch with torchrun, which sets both)")
+    args = load_config(dict(os.environ) if env is None else env)
     validate(args, world_size)
     log_file = repo_path(args.log_dir) / f"{args.run_id}.txt"
     if args.run_id and rank == 0 and log_file.exists():  # one run per log: appending would mix two runs
@@ -1870,7 +1886,7 @@ def main(env: dict | None = None, check_only: bool = False):
         if args.save_checkpoint or args.save_every:
             check_writable("CHECKPOINT_DIR", args.checkpoint_dir)
     ckpt = load_checkpoint(args, world_size) if args.resume else None
-    device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = pick_device(local_rank)
     for knob, used in (("MOE_KERNEL", args.num_experts), ("NS_KERNEL", args.matrix_optimizer == "muon")):
         if used and getattr(args, knob.lower()) == "triton" and not triton_runs_on(device):
             raise ConfigError(f"{knob}=triton needs {'a GPU' if triton else 'Triton installed'} (on the CPU only "
@@ -2183,7 +2199,8 @@ if __name__ == "__main__":
     except (ConfigError, DataError, NonFiniteLoss, CheckpointError) as e:
         # every rank of a node checks the same settings and shards (CheckpointError: rank 0 only): one line per node;
         # torchrun then adds its own report of the failed processes and exits 1
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local_rank = os.environ.get("LOCAL_RANK", "0").strip()
+        if not local_rank.isdigit() or int(local_rank) == 0:  # a LOCAL_RANK that is no number is itself the error
             print(f"error: {e}", file=sys.stderr)
         else:
             # torchrun stops every worker once one has exited: the silent ranks wait, so that rank 0's line is out

@@ -195,3 +195,17 @@ def test_folders_are_checked_only_when_used_and_the_check_leaves_nothing(shards,
     train_gpt.main(tiny_env(shards, tmp_path, LOG_DIR=tmp_path / "a" / "logs", SAVE_CHECKPOINT=1,
                             CHECKPOINT_DIR=tmp_path / "b" / "ckpt"), check_only=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("launcher,needle", [(dict(WORLD_SIZE="abc"), "WORLD_SIZE='abc' is not an integer >= 1"),
+                                             (dict(WORLD_SIZE="0"), "WORLD_SIZE='0' is not an integer >= 1"),
+                                             (dict(LOCAL_RANK="x"), "LOCAL_RANK='x' is not an integer >= 0"),
+                                             (dict(RANK="2", WORLD_SIZE="2"), "RANK=2 is not below WORLD_SIZE=2")])
+def test_cli_refuses_a_bad_launcher_variable_in_one_line(launcher, needle):
+    # before, WORLD_SIZE=abc gave a ValueError traceback and WORLD_SIZE=0 a ZeroDivisionError
+    env = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(Hyperparameters)}
+           and k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE"}}
+    r = subprocess.run([sys.executable, "train_gpt.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                       env=env | launcher, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {needle}"), r.stderr
