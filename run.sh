@@ -38,7 +38,7 @@ EOF
 case "${1:-}" in
     -h|--help) usage; exit 0 ;;
     "") ;;
-    *) echo "run.sh: unexpected argument '$1'; settings go through the environment (see ./run.sh --help)" >&2; exit 2 ;;
+    *) echo "run.sh: error: unexpected argument '$1'; settings go through the environment (see ./run.sh --help)" >&2; exit 2 ;;
 esac
 
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)  # the repo, also through a symlink
@@ -52,17 +52,17 @@ else
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ') || gpus=0
 fi
 if [[ -n ${NPROC:-} ]]; then
-    is_count "$NPROC" || { echo "run.sh: NPROC=$NPROC must be a positive integer" >&2; exit 2; }
+    is_count "$NPROC" || { echo "run.sh: error: NPROC=$NPROC must be a positive integer" >&2; exit 2; }
     nproc=$NPROC
 else
     nproc=$(( gpus > 0 ? gpus : 1 ))
 fi
 
 nnodes=${NNODES:-1}
-is_count "$nnodes" || { echo "run.sh: NNODES=$nnodes must be a positive integer" >&2; exit 2; }
+is_count "$nnodes" || { echo "run.sh: error: NNODES=$nnodes must be a positive integer" >&2; exit 2; }
 if [[ $nnodes -gt 1 ]]; then
     if [[ -z ${RDZV_ENDPOINT:-} ]]; then
-        echo "run.sh: NNODES=$nnodes needs RDZV_ENDPOINT=host:port (a node all nodes reach; the same on every node)" >&2
+        echo "run.sh: error: NNODES=$nnodes needs RDZV_ENDPOINT=host:port (a node all nodes reach; the same on every node)" >&2
         exit 2
     fi
     rendezvous=(--nnodes="$nnodes" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT"
@@ -95,14 +95,14 @@ if [[ $gpus -eq 0 ]]; then
         fi
     fi
 else
-    [[ ${FETCH_DATA:-} =~ ^[01]?$ ]] || { echo "run.sh: FETCH_DATA=$FETCH_DATA must be 0, 1 or unset" >&2; exit 2; }
+    [[ ${FETCH_DATA:-} =~ ^[01]?$ ]] || { echo "run.sh: error: FETCH_DATA=$FETCH_DATA must be 0, 1 or unset" >&2; exit 2; }
     # the trainer's default data (a test keeps these globs equal to Hyperparameters') is FineWeb in data/fineweb10B
     missing=0
     [[ -n ${TRAIN_FILES:-} ]] || have_shards "data/fineweb10B/fineweb_train_*.bin" || missing=1
     [[ -n ${VAL_FILES:-} ]] || have_shards "data/fineweb10B/fineweb_val_*.bin" || missing=1
     if [[ $missing == 1 ]]; then
         if [[ ${FETCH_DATA:-} == 0 ]]; then
-            echo "run.sh: no FineWeb shards in $root/data/fineweb10B and FETCH_DATA=0; get them with" \
+            echo "run.sh: error: no FineWeb shards in $root/data/fineweb10B and FETCH_DATA=0; get them with" \
                  "'python3 data/cached_fineweb10B.py 8', or set TRAIN_FILES and VAL_FILES to your own shards" >&2
             exit 1
         fi

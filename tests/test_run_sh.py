@@ -72,7 +72,8 @@ def test_trainer_help_names_the_check(tmp_path):
 def test_an_argument_is_refused(tmp_path):
     r = subprocess.run(["bash", str(RUN_SH), "NUM_EXPERTS=8"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=30)
-    assert r.returncode == 2 and "settings go through the environment" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("run.sh: error: unexpected argument 'NUM_EXPERTS=8'")
+    assert "settings go through the environment" in r.stderr
 
 
 @pytest.mark.parametrize("settings, nproc", [
@@ -137,6 +138,20 @@ def test_several_nodes_without_endpoint_is_one_clear_error(recorder, tmp_path):
     r = launch(recorder["env"] | dict(NNODES="2"), tmp_path, stubs=recorder["stubs"])
     assert r.returncode != 0 and not (recorder["calls"] / "torchrun.args").exists()
     assert len(r.stderr.strip().splitlines()) == 1 and "RDZV_ENDPOINT" in r.stderr
+    assert r.stderr.startswith("run.sh: error: NNODES=2 needs RDZV_ENDPOINT=host:port"), r.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(NPROC="0"), "NPROC=0 must be a positive integer"),
+    (dict(NPROC="two"), "NPROC=two must be a positive integer"),
+    (dict(NNODES="-1"), "NNODES=-1 must be a positive integer"),
+    (dict(FETCH_DATA="yes"), "FETCH_DATA=yes must be 0, 1 or unset"),
+])
+def test_a_bad_launcher_setting_is_one_error_line(recorder, tmp_path, settings, message):
+    # the project's form for bad input: one line starting "run.sh: error:", exit 2, before torchrun
+    r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 2 and not (recorder["calls"] / "torchrun.args").exists()
+    assert r.stderr.strip().splitlines() == [f"run.sh: error: {message}"], r.stderr
 
 
 @pytest.mark.parametrize("case", ["setting", "batch over the GPUs", "shard"])
@@ -190,7 +205,7 @@ def test_fetch_data_0_refuses_to_download_and_says_how(bare_repo, recorder):
                stubs=recorder["stubs"])
     assert r.returncode == 1 and not (recorder["calls"] / "torchrun.args").exists()
     assert not (recorder["calls"] / "download.args").exists()
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("run.sh: error: no FineWeb shards")
     assert "python3 data/cached_fineweb10B.py 8" in r.stderr and "TRAIN_FILES" in r.stderr
 
 
