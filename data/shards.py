@@ -53,3 +53,15 @@ def check_shard(path: str | Path) -> int:
 def read_shard(path: str | Path) -> np.ndarray:
     check_shard(path)
     return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+
+
+if __name__ == "__main__":  # a module of helpers, not a script: say so instead of silently doing nothing
+    import sys
+    about = ("the shard-format helpers that data/tokenize_text.py and data/cached_fineweb10B.py import, not a script; "
+             "to make shards run data/tokenize_text.py (your own text) or data/cached_fineweb10B.py (FineWeb), "
+             "each with --help")
+    if sys.argv[1:] in ([], ["-h"], ["--help"]):
+        print(f"shards.py: {about}")
+        sys.exit(0)
+    print(f"shards.py: error: takes no arguments (got {sys.argv[1]!r}): {about}", file=sys.stderr)
+    sys.exit(2)

@@ -355,3 +355,14 @@ def test_tokenize_skips_blank_documents_everywhere(small_bpe, tmp_path, capsys):
     # two real documents cannot spare two for validation
     assert tokenize(bpe_dir, root, "--out", tmp_path / "again", "--val-docs", 2) == 1
     assert "2 val documents out of 2 leave none to train on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, rc", [(["--help"], 0), ([], 0), (["x.bin"], 2)])
+def test_running_the_shard_helpers_says_what_to_run_instead(args, rc):
+    # before, `python3 data/shards.py --help` printed nothing and exited 0
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "shards.py"), *args], capture_output=True, text=True,
+                       timeout=60)
+    out = r.stdout if rc == 0 else r.stderr
+    assert r.returncode == rc and len(out.splitlines()) == 1, (r.stdout, r.stderr)
+    assert out.startswith("shards.py: error:" if rc else "shards.py: the shard-format helpers"), out
+    assert "data/tokenize_text.py" in out and "data/cached_fineweb10B.py" in out
