@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import sys
+import uuid
 from itertools import islice
 from pathlib import Path
 
@@ -34,7 +35,11 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 BATCH_DOCS = 512  # documents per tiktoken call, which encodes a batch on several threads
 
 
-class InputError(Exception):
+class InputError(Exception):  # bad input: exit 2
+    pass
+
+
+class FetchError(InputError):  # the download failed, not the input: exit 1
     pass
 
 
@@ -43,7 +48,7 @@ def gpt2_encoding(bpe_dir: Path | None) -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding("gpt2")
         except OSError as error:
-            raise InputError(f"could not fetch the GPT-2 tokenizer ({error}); "
+            raise FetchError(f"could not fetch the GPT-2 tokenizer ({error}); "
                              f"pass --bpe-dir with a folder holding vocab.bpe and encoder.json") from error
     vocab_bpe, encoder_json = bpe_dir / "vocab.bpe", bpe_dir / "encoder.json"
     for path in (vocab_bpe, encoder_json):
@@ -75,6 +80,26 @@ def input_files(inputs: list[str]) -> list[Path]:
                 raise InputError(f"{p} is neither .txt (one document) nor .jsonl (one document a line)")
         files += found
     return list(dict.fromkeys(files))
+
+
+def check_writable(out: Path) -> None:
+    # an --out that cannot be made or written is refused before tokenizing, not when the first shard is written;
+    # the folders and the file made to find out are removed again
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    probe = out / f".write_test.{uuid.uuid4().hex[:8]}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot create or write it ({error.strerror or error}); "
+                         f"give --out a folder you can write to") from None
+    finally:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 def count_documents(files: list[Path], text_field: str) -> int:
@@ -175,16 +200,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shard-tokens {args.shard_tokens} must be positive")
     try:
         files = input_files(args.inputs)
+        check_writable(args.out)
         stale = sorted(args.out.glob(f"{args.prefix}_*.bin"))
         if stale:
             raise InputError(f"{args.out} already holds {stale[0].name} and {len(stale) - 1} more "
                              f"'{args.prefix}_*.bin' shards; delete them or choose another --prefix or --out")
+        encoding = gpt2_encoding(args.bpe_dir)  # a bad --bpe-dir is refused before reading all the text
         num_docs = count_documents(files, args.text_field)
         num_val = args.val_docs if args.val_docs is not None else math.ceil(args.val_fraction * num_docs)
         if not 0 <= num_val < num_docs:
             raise InputError(f"{num_val} val documents out of {num_docs} leave none to train on; "
                              f"give more text or a smaller --val-docs or --val-fraction")
-        encoding = gpt2_encoding(args.bpe_dir)
         val_docs = set(np.random.default_rng(args.seed).choice(num_docs, size=num_val, replace=False).tolist())
         args.out.mkdir(parents=True, exist_ok=True)
         writers = {"val": ShardWriter(args.out, args.prefix, "val", 0, args.shard_tokens),
@@ -201,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         assert writers["val"].docs == num_val, "the counting and tokenizing passes disagree on the documents"
     except InputError as error:
         print(f"tokenize_text.py: error: {error}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, FetchError) else 2
     for split, writer in writers.items():
         print(f"{split}: {writer.docs} documents, {writer.tokens:,} tokens -> {len(writer.paths)} shards "
               f"{args.out / f'{args.prefix}_{split}_*.bin'}")

@@ -306,20 +306,42 @@ def test_tokenize_val_choice_follows_the_seed(corpus, small_bpe, tmp_path):
     assert val["a"] != val["c"]
 
 
-@pytest.mark.parametrize("case", ["no text field", "no such input", "shards already there", "all val"])
+@pytest.mark.parametrize("case", ["no text field", "no such input", "no such file", "wrong file type",
+                                  "shards already there", "all val", "no bpe dir", "out cannot be made",
+                                  "out is a file"])
 def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, case):
     out = tmp_path / "tokens"
+    (tmp_path / "notes.md").write_text("a document", encoding="utf-8")
     args, message = {
         "no text field": ([corpus / "docs.jsonl", "--text-field", "body"], "docs.jsonl:1 has no string field 'body'"),
         "no such input": ([corpus / "nope*.txt"], "nope*.txt matches no .txt or .jsonl file"),
+        "no such file": ([corpus / "nope.txt"], "nope.txt matches no .txt or .jsonl file"),
+        "wrong file type": ([tmp_path / "notes.md"], "notes.md is neither .txt (one document) nor .jsonl"),
         "shards already there": ([corpus], "already holds text_train_000001.bin"),
         "all val": ([corpus / "a.txt", "--val-docs", 1], "1 val documents out of 1 leave none to train on"),
+        "no bpe dir": ([corpus, "--bpe-dir", tmp_path / "nope"], "--bpe-dir {tmp}/nope has no vocab.bpe"),
+        # /proc takes no new folders: before, this crashed with a traceback after tokenizing everything
+        "out cannot be made": ([corpus, "--out", "/proc/x/tokens"], "--out /proc/x/tokens: cannot create or write it"),
+        "out is a file": ([corpus, "--out", tmp_path / "notes.md"], "--out {tmp}/notes.md: cannot create or write it"),
     }[case]
     if case == "shards already there":
         out.mkdir()
         write_shard(out / "text_train_000001.bin", [EOT])
-    assert tokenize(small_bpe["dir"], *args, "--out", out) == 1
-    assert message in capsys.readouterr().err
+    # bad input exits 2, with one error line (argparse takes the last --bpe-dir and --out)
+    argv = [str(arg) for arg in ("--out", out, "--bpe-dir", small_bpe["dir"], *args)]
+    assert tokenize_text.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenize_text.py: error: ") and len(err.splitlines()) == 1, err
+    assert message.format(tmp=tmp_path) in err, err
+    if case != "shards already there":
+        assert not out.exists()
+
+
+def test_tokenize_cli_exits_2_for_a_missing_input(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), str(tmp_path / "nope.txt"),
+                        "--out", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("tokenize_text.py: error: ") and \
+        len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_tokenize_reads_files_that_start_with_a_byte_order_mark(small_bpe, tmp_path):
@@ -353,7 +375,7 @@ def test_tokenize_skips_blank_documents_everywhere(small_bpe, tmp_path, capsys):
     assert len(val) == 1 and sorted(val + train) == sorted([DOCS[0], DOCS[2]])
     assert "val: 1 documents" in capsys.readouterr().out
     # two real documents cannot spare two for validation
-    assert tokenize(bpe_dir, root, "--out", tmp_path / "again", "--val-docs", 2) == 1
+    assert tokenize(bpe_dir, root, "--out", tmp_path / "again", "--val-docs", 2) == 2
     assert "2 val documents out of 2 leave none to train on" in capsys.readouterr().err
 
 
