@@ -1905,9 +1905,14 @@ def main(env: dict | None = None, check_only: bool = False):
         raise DataError(f"VAL_FILES={args.val_files} hold {val_available} usable tokens in batches of VAL_SEQ_LEN x GPUs, "
                         f"fewer than VAL_TOKENS={args.val_tokens}; lower VAL_TOKENS or add val shards")
     loader = ckpt["loader"] if ckpt else dict(file_idx=0, pos=0)
-    for f in (shards_to_read(train_files, args.train_batch_tokens, args.num_iterations - (ckpt["step"] if ckpt else 0),
-                             loader["file_idx"], loader["pos"])
-              + shards_to_read(val_files, val_batch, args.val_tokens // val_batch)):
+    train_read = shards_to_read(train_files, args.train_batch_tokens,
+                                args.num_iterations - (ckpt["step"] if ckpt else 0), loader["file_idx"], loader["pos"])
+    for f in train_read:  # the loader stops on such a shard when it reaches it: say so now
+        if check_shard(f) < args.train_batch_tokens + 1:
+            raise DataError(f"{f}: {check_shard(f)} tokens cannot fill one batch of TRAIN_BATCH_TOKENS="
+                            f"{args.train_batch_tokens} (+1 target); lower TRAIN_BATCH_TOKENS or leave it out of "
+                            f"TRAIN_FILES")
+    for f in train_read + shards_to_read(val_files, val_batch, args.val_tokens // val_batch):
         check_vocab(f, args.vocab_size)
     if check_only:
         return None

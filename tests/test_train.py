@@ -269,6 +269,20 @@ def test_empty_or_folder_val_files_names_val_files(shared_shards, tmp_path, val_
     assert "*" in str(e.value)
 
 
+def test_a_train_shard_smaller_than_one_batch_is_refused_at_the_start(tmp_path):
+    # the loader stops on a shard that cannot fill one batch (+1 target) when it reaches it; --check says so first
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "syn_train_000001.bin", synthetic_tokens(5000, 1))
+    write_shard(data / "syn_train_000002.bin", synthetic_tokens(512, 2))  # one batch needs 513
+    write_shard(data / "syn_val_000000.bin", synthetic_tokens(6000, 3))
+    with pytest.raises(train_gpt.DataError) as e:
+        train_gpt.main(tiny_env(data, tmp_path, NUM_ITERATIONS="12"), check_only=True)  # 9 batches in shard 1
+    assert str(e.value).startswith(f"{data / 'syn_train_000002.bin'}: 512 tokens cannot fill one batch of "
+                                   f"TRAIN_BATCH_TOKENS=512")
+    train_gpt.main(tiny_env(data, tmp_path, NUM_ITERATIONS="9"), check_only=True)  # never reaches it: allowed
+
+
 def test_a_val_shard_also_matched_by_train_files_is_refused(shared_shards, tmp_path):
     env = tiny_env(shared_shards, tmp_path, TRAIN_FILES=shared_shards / "syn_*.bin")
     with pytest.raises(train_gpt.DataError) as e:
