@@ -1908,8 +1908,8 @@ def main(env: dict | None = None, check_only: bool = False):
     train_read = shards_to_read(train_files, args.train_batch_tokens,
                                 args.num_iterations - (ckpt["step"] if ckpt else 0), loader["file_idx"], loader["pos"])
     for f in train_read:  # the loader stops on such a shard when it reaches it: say so now
-        if check_shard(f) < args.train_batch_tokens + 1:
-            raise DataError(f"{f}: {check_shard(f)} tokens cannot fill one batch of TRAIN_BATCH_TOKENS="
+        if (tokens := check_shard(f)) < args.train_batch_tokens + 1:
+            raise DataError(f"{f}: {tokens} tokens cannot fill one batch of TRAIN_BATCH_TOKENS="
                             f"{args.train_batch_tokens} (+1 target); lower TRAIN_BATCH_TOKENS or leave it out of "
                             f"TRAIN_FILES")
     for f in train_read + shards_to_read(val_files, val_batch, args.val_tokens // val_batch):
