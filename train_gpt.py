@@ -110,6 +110,11 @@ class Hyperparameters:
     resume: str = ""  # path of a checkpoint to continue from
     profile_steps: int = 0  # trace this many steps with the PyTorch profiler (after 5 untraced ones)
 
+# the fields between num_experts and moe_kernel, and expert_lr_mult: used only where NUM_EXPERTS > 0
+MOE_SETTINGS = {"top_k", "moe_layers", "expert_hidden", "expert_act", "shared_experts", "expert_init_scale", "router",
+                "router_lr", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor", "moe_kernel",
+                "expert_lr_mult"}
+
 GRAD_REDUCE_DTYPES = dict(reduce_scatter=torch.bfloat16, reduce_scatter_fp32=torch.float32)
 
 class ConfigError(ValueError):
@@ -249,6 +254,12 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.bucket_mb >= 1, f"BUCKET_MB={args.bucket_mb} must be at least 1 (MiB of parameters per bucket)")
     need(args.expert_init_scale > 0, f"EXPERT_INIT_SCALE={args.expert_init_scale}: at 0 the experts start at zero "
          "and get no gradient (w2 starts at 0 too); use a positive multiplier, 1 = record 21's init")
+    if not args.num_experts:
+        # the mixture-of-experts knobs shape layers a dense model has none of: a set one would do nothing
+        for f in fields(args):
+            if f.name in MOE_SETTINGS and getattr(args, f.name) != f.default:
+                raise ConfigError(f"{f.name.upper()}={getattr(args, f.name)} sets the experts, but NUM_EXPERTS=0 "
+                                  f"builds a dense model; set NUM_EXPERTS (e.g. 32) or unset {f.name.upper()}")
     if args.num_experts:
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")

@@ -166,7 +166,23 @@ def test_newton_schulz_knobs_are_refused_with_adamw(knob, value):
                                           "MATRIX_OPTIMIZER=adamw; unset it or use MATRIX_OPTIMIZER=muon"):
         load_config({"MATRIX_OPTIMIZER": "adamw", knob: value})
     load_config({"MATRIX_OPTIMIZER": "muon", knob: value})
-    load_config({"MATRIX_OPTIMIZER": "adamw", "NS_STEPS": "5", "EXPERT_LR_MULT": "0.5"})  # the default; AdamW's own
+    load_config({"MATRIX_OPTIMIZER": "adamw", "NS_STEPS": "5", "NUM_EXPERTS": "8", "EXPERT_LR_MULT": "0.5"})  # the default; AdamW's own
+
+
+@pytest.mark.parametrize("knob, value", [("TOP_K", "4"), ("SHARED_EXPERTS", "1"), ("MOE_LAYERS", "1,2"),
+                                         ("EXPERT_LR_MULT", "2.0"), ("ROUTER", "sigmoid"), ("Z_LOSS_COEF", "0.001")])
+def test_expert_knobs_are_refused_for_a_dense_model(knob, value):
+    # NUM_EXPERTS=0 (the default) builds dense MLPs: TOP_K=4 without NUM_EXPERTS used to train dense in silence
+    with pytest.raises(ConfigError, match=f"{knob}={value} sets the experts, but NUM_EXPERTS=0 builds a dense model; "
+                                          f"set NUM_EXPERTS \\(e.g. 32\\) or unset {knob}"):
+        load_config({knob: value})
+    load_config({"NUM_EXPERTS": "8", knob: value})
+
+
+def test_every_expert_knob_is_a_setting():
+    from train_gpt import MOE_SETTINGS
+    assert MOE_SETTINGS <= set(Hyperparameters.__dataclass_fields__)
+    load_config({"TOP_K": "2", "ROUTER": "softmax"})  # the defaults: a dense run may spell them out
 
 
 def test_cli_refuses_a_newton_schulz_knob_with_adamw_in_one_line():
