@@ -382,6 +382,12 @@ def runs_cell(runs: list[Run]) -> str:
     return f"{complete} ({counts})" if left_out else str(complete)
 
 
+def ignored_keys(ignore: str, split: str) -> set[str]:
+    # the config keys that do not split groups: RUN_KEYS and --ignore's, less --split's (comma-separated lists)
+    keys = lambda text: {key.strip() for key in text.split(",") if key.strip()}
+    return (keys(RUN_KEYS) | keys(ignore)) - keys(split)
+
+
 def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     if pattern is not None:
@@ -833,8 +839,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--pattern", metavar="REGEX",
                          help="group by what REGEX matches in each log path (its first group if it has one); "
                               "overrides --by, e.g. 'logs/(\\w+)_seed'")
-    compare.add_argument("--ignore", default=RUN_KEYS, metavar="KEYS",
-                         help=f"comma-separated config keys that do not split groups with --by config (default: {RUN_KEYS})")
+    compare.add_argument("--ignore", default="", metavar="KEYS",
+                         help=f"comma-separated config keys that do not split groups with --by config, besides "
+                              f"{RUN_KEYS}")
+    compare.add_argument("--split", default="", metavar="KEYS",
+                         help="comma-separated keys of those that do split groups, e.g. seed")
     compare.add_argument("--target", type=float, metavar="LOSS", help="target val loss, e.g. 3.28")
     compare.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
 
@@ -850,9 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     fewest.add_argument("--reference", action="append", metavar="LOG",
                         help="the runs that set the target: a file, folder or quoted glob, repeatable; default: the "
                              "logs without experts")
-    fewest.add_argument("--ignore", default=RUN_KEYS, metavar="KEYS",
-                        help=f"comma-separated config keys that do not split groups, besides num_iterations "
-                             f"(default: {RUN_KEYS})")
+    fewest.add_argument("--ignore", default="", metavar="KEYS",
+                        help=f"comma-separated config keys that do not split groups, besides num_iterations and "
+                             f"{RUN_KEYS}")
+    fewest.add_argument("--split", default="", metavar="KEYS", help="comma-separated keys of those that do split "
+                                                                     "groups, e.g. seed")
     fewest.add_argument("--md", action="store_true", help="print markdown (as in a record's statistics.md)")
 
     plot = commands.add_parser(
@@ -890,10 +901,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "summary":
             print(summary_table(runs, args.md))
         elif args.command == "compare":
-            ignore = {key.strip() for key in args.ignore.split(",") if key.strip()}
+            ignore = ignored_keys(args.ignore, args.split)
             print(compare_report(group_runs(runs, args.by, args.pattern, ignore), args.target, args.md))
         elif args.command == "fewest":
-            ignore = {key.strip() for key in args.ignore.split(",") if key.strip()}
+            ignore = ignored_keys(args.ignore, args.split)
             if args.reference:
                 reference = load_runs(args.reference)
                 named = {run.path.resolve() for run in reference}

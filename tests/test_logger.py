@@ -225,8 +225,12 @@ def test_groups_by_config_ignore_the_seed_and_are_named_by_what_differs(tmp_path
     assert code == 0
     assert table_row(out, "num_experts=0")[1:3] == ["2", "3.3050 ± 0.0071"]
     assert table_row(out, "num_experts=8")[1:3] == ["2", "3.2850 ± 0.0071"]
-    code, out, _ = run_cli(capsys, "compare", "--md", "--ignore", "", tmp_path)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--split", "seed", tmp_path)
     assert table_row(out, "num_experts=0 seed=0")[1] == "1"
+    # --ignore adds to the keys that never split groups: the seeds stay merged (it used to replace them)
+    code, out, _ = run_cli(capsys, "compare", "--md", "--ignore", "num_experts", tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(rows) == 1 and rows[0].split("|")[2].strip() == "4"
 
 
 def test_runs_differing_only_in_run_id_and_paths_share_a_group(tmp_path, capsys):
