@@ -121,7 +121,11 @@ def main():
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: the GPU if there is one")
     ap.add_argument("--flops", action="store_true", help="print the FLOP counts and exit")
     ap.add_argument("--accuracy", action="store_true", help="print each variant's error against float64 and exit")
-    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps of the first variant")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps of the first variant "
+                                                          "(and of its autotuned twin with --autotune)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="time each variant a second way too: its Newton-Schulz compiled with mode=max-autotune-no-cudagraphs "
+                         "(Triton GEMM templates, elementwise work fused into their epilogues), named VARIANT+autotune")
     opts = ap.parse_args()
     try:
         args = tg.load_config(dict(os.environ))
@@ -134,6 +138,8 @@ def main():
     device = torch.device("cpu") if opts.device == "cpu" else tg.pick_device(0)
     if opts.profile and device.type != "cuda":
         ap.exit(2, "error: --profile lists GPU kernels and this runs on the CPU; leave --profile out\n")
+    if opts.autotune and device.type != "cuda":
+        ap.exit(2, "error: --autotune tunes GPU kernels and this runs on the CPU; leave --autotune out\n")
     kernels = KERNELS if tg.triton_runs_on(device) else KERNELS[:1]
     variants = opts.variants.split(",") if opts.variants else [f"{m}/{k}" for k in kernels for m in METHODS]
     bad = [v for v in variants if v.count("/") != 1 or v.split("/")[0] not in METHODS or v.split("/")[1] not in KERNELS]
@@ -150,6 +156,15 @@ def main():
         method, kernel = variant.split("/")
         varied = dataclasses.replace(args, ns_method=method, ns_kernel=kernel)
         optimizers[variant], = [o for o in tg.build_optimizers(model, varied, 0, 1, device) if isinstance(o, tg.Muon)]
+    for variant in variants if opts.autotune else []:
+        method, kernel = variant.split("/")
+        varied = dataclasses.replace(args, ns_method=method, ns_kernel=kernel)
+        opt, = [o for o in tg.build_optimizers(model, varied, 0, 1, device) if isinstance(o, tg.Muon)]
+
+        def autotuned(G, steps, method=method, kernel=kernel):  # a frame of its own: its own compiled graphs
+            return tg.orthogonalize(G, steps, method, kernel)
+        opt.orthogonalize = torch.compile(autotuned, dynamic=False, mode="max-autotune-no-cudagraphs")
+        optimizers[f"{variant}+autotune"] = opt
     first = optimizers[variants[0]]
     params = [p for group in first.param_groups for p in group["params"]]
     shapes = shape_counts(first)
@@ -157,6 +172,7 @@ def main():
           f"weights, {args.ns_steps} Newton-Schulz steps; shapes: "
           + ", ".join(f"{c} x {m}x{n}" for c, m, n in shapes))
     flops = {v: ns_flops(shapes, args.ns_steps, *v.split("/")) for v in variants}
+    flops |= {f"{v}+autotune": flops[v] for v in variants if opts.autotune}
     for v in variants:
         print(f"{v}: {flops[v] / 1e9:.1f} GFLOP a step ({flops[v] / flops[variants[0]]:.2f}x {variants[0]})")
     traffic = traffic_bytes(params)
@@ -199,12 +215,12 @@ def main():
             compute = flops[v] / matmul * 1e3
             print(f"{v}: floor {memory + compute:.2f} ms = {memory:.2f} traffic + {compute:.2f} Newton-Schulz at the "
                   f"matmul roof; measured {statistics.median(results[v]):.2f} ms")
-    if opts.profile:
+    for name in [variants[0]] + [f"{variants[0]}+autotune"] * opts.autotune if opts.profile else []:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                first.step()
+                optimizers[name].step()
             torch.cuda.synchronize()
-        print(f"kernels of 3 steps of {variants[0]}")
+        print(f"kernels of 3 steps of {name}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
