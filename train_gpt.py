@@ -361,8 +361,9 @@ def gram_scale(A: Tensor) -> Tensor:
     trace = A.diagonal(dim1=-2, dim2=-1).to(torch.promote_types(A.dtype, torch.float32)).sum(-1, keepdim=True)
     return (1 / (trace.sqrt() + 1e-7)).unsqueeze(-1)
 
-def newton_schulz(X: Tensor, coefficients: list, gram) -> Tensor:
-    # X [B, m, n] in the dtype it computes in (bf16 in training), one odd quintic step per (a, b, c); gram(Y) = Y Y^T.
+def newton_schulz(X: Tensor, coefficients: list, gram, poly=None) -> Tensor:
+    # X [B, m, n] in the dtype it computes in (bf16 in training), one odd quintic step per (a, b, c); gram(Y) = Y Y^T,
+    # poly(A, a, b, c, scale) = scale (a I + b A + c A^2) as ns_polynomial_op computes it (None: gram's product).
     # The Gram matrix is taken over the shorter side and a tall X is multiplied from the right: nothing is transposed.
     # Per step 4 m^2 n + 2 m^3 flops (m the short side), or 3 m^2 n + m^3 when gram computes half of each product.
     tall = X.size(-2) > X.size(-1)
@@ -376,7 +377,10 @@ def newton_schulz(X: Tensor, coefficients: list, gram) -> Tensor:
             A = gram(X.mT if tall else X)
         # a X + (b A + c A^2) X = (a I + b A + c A^2) X: the a X term rides on the small Gram-sized matrix, so X
         # goes through one plain product (baddbmm's a X cost a copy of X and a read of it in every iteration)
-        B = ((a * eye + b * A + c * gram(A)) * (scale if i == 0 else 1)).to(X.dtype)
+        if poly is None:
+            B = ((a * eye + b * A + c * gram(A)) * (scale if i == 0 else 1)).to(X.dtype)
+        else:
+            B = poly(A, a, b, c, scale if i == 0 else None)
         X = X @ B if tall else B @ X
     return X
 
@@ -413,7 +417,7 @@ def orthogonalize(G: Tensor, steps: int, method: str = "quintic", kernel: str = 
     # the Gram iteration needs fewer flops only where n / m > 1.5, or 2 where the kernel halves the Gram products
     # (the counts above, any step count); other shapes take newton_schulz with the same coefficients
     if method != "gram" or n <= (2 if kernel == "triton" else 1.5) * m:
-        return newton_schulz(X, coefficients, gram).reshape(G.shape)
+        return newton_schulz(X, coefficients, gram, ns_polynomial_op if kernel == "triton" else None).reshape(G.shape)
     # fp16, 3 more mantissa bits than bf16 at the same speed (as Dao et al. chose): in bf16 the recurrence left some
     # singular values 30x too large, in fp16 its error is a fifth of bf16 newton_schulz's (measured on 640 x 768 and
     # 3072 x 768 matrices). X is normalized first, as fp16's range cannot hold 1 / ||X||_F in Q
@@ -1377,12 +1381,15 @@ if triton is not None:
             return [triton.Config(dict(BLOCK=16, BLOCK_K=16), num_warps=1, num_stages=1)]
         return [triton.Config(dict(BLOCK=b, BLOCK_K=k), num_warps=w, num_stages=s) for b, k, w, s in GRAM_CONFIGS]
 
-    @triton.autotune(configs=gram_configs(), key=["M", "K", "stride_xm"], cache_results=True)
+    @triton.autotune(configs=gram_configs(), key=["M", "K", "stride_xm", "POLY"], cache_results=True)
     @triton.jit
-    def gram_kernel(x_ptr, out_ptr, M, K, stride_xb, stride_xm, stride_xk, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    def gram_kernel(x_ptr, out_ptr, scale_ptr, M, K, stride_xb, stride_xm, stride_xk, coef_a, coef_b, coef_c,
+                    UPCAST: tl.constexpr, POLY: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
                     BLOCK_K: tl.constexpr):
         # out[b] = x[b] x[b]^T, fp32 accumulation: program (t, b) computes row block i against row block j for the
-        # t-th pair i <= j, pairs counted column by column (j (j + 1) / 2 <= t < (j + 1) (j + 2) / 2, i = t - j (j + 1) / 2)
+        # t-th pair i <= j, pairs counted column by column (j (j + 1) / 2 <= t < (j + 1) (j + 2) / 2, i = t - j (j + 1) / 2).
+        # POLY (x the symmetric A, K = M): out[b] = s_b (a I + b A + c A A^T), Newton-Schulz's polynomial formed in
+        # the epilogue from the A tile, so the product is never written; s_b = scale_ptr[b] where SCALE
         t = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         j = ((tl.sqrt(8.0 * t + 1.0) - 1.0) * 0.5).to(tl.int32)
@@ -1406,6 +1413,12 @@ if triton is not None:
             a_ptrs += BLOCK_K * stride_xk
             bt_ptrs += BLOCK_K * stride_xk
         out = out_ptr + b * M * M
+        if POLY:  # symmetric too, so the mirrored store below stays right
+            a_tile = tl.load(x + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                             mask=(rows < M)[:, None] & (cols < M)[None, :], other=0.0).to(tl.float32)
+            acc = coef_c * acc + coef_b * a_tile + tl.where(rows[:, None] == cols[None, :], coef_a, 0.0)
+            if SCALE:
+                acc = acc * tl.load(scale_ptr + b)
         tile = acc.to(out_ptr.dtype.element_ty)
         tl.store(out + rows[:, None] * M + cols[None, :], tile, mask=(rows < M)[:, None] & (cols < M)[None, :])
         if i != j:
@@ -1430,12 +1443,30 @@ def gram_matrix_op(x: Tensor) -> Tensor:
     # it the kernel casts the operands to fp32 (the same exact products) and PyTorch rounds the fp32 result
     emulate = TRITON_INTERPRET and x.dtype == torch.bfloat16
     out = x.new_empty(B, M, M, dtype=torch.float32 if emulate else x.dtype)
-    gram_kernel[gram_grid(M, B)](x, out, M, K, x.stride(0), x.stride(1), x.stride(2), UPCAST=emulate)
+    gram_kernel[gram_grid(M, B)](x, out, out, M, K, x.stride(0), x.stride(1), x.stride(2), 0.0, 0.0, 0.0,
+                                 UPCAST=emulate, POLY=False, SCALE=False)
     return out.bfloat16() if emulate else out
 
 @gram_matrix_op.register_fake
 def _(x: Tensor):
     return x.new_empty(x.size(0), x.size(1), x.size(1))
+
+@torch.library.custom_op("moe_speedrun::ns_polynomial", mutates_args=())
+def ns_polynomial_op(A: Tensor, a: float, b: float, c: float, scale: Tensor | None = None) -> Tensor:
+    # scale (a I + b A + c A^2) in A's dtype, scale [B, 1, 1] fp32 per matrix (1 if None), A [B, m, m] symmetric, bf16
+    # (fp32 in CPU tests): gram_kernel's A A^T (half A^2's flops) with the sum formed in its epilogue from fp32, so
+    # neither A^2 nor the sum makes a pass over memory of its own (newton_schulz's PyTorch path: both do)
+    B, M, _ = A.shape
+    emulate = TRITON_INTERPRET and A.dtype == torch.bfloat16
+    out = A.new_empty(B, M, M, dtype=torch.float32 if emulate else A.dtype)
+    s = scale.reshape(B).float().contiguous() if scale is not None else out
+    gram_kernel[gram_grid(M, B)](A, out, s, M, M, A.stride(0), A.stride(1), A.stride(2), a, b, c,
+                                 UPCAST=emulate, POLY=True, SCALE=scale is not None)
+    return out.bfloat16() if emulate else out
+
+@ns_polynomial_op.register_fake
+def _(A: Tensor, a: float, b: float, c: float, scale: Tensor | None = None):
+    return torch.empty_like(A)
 
 # -----------------------------------------------------------------------------
 # The GPT

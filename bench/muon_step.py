@@ -33,6 +33,12 @@ def gram_matrix_flops(x_shape, *args, **kwargs) -> int:
     return B * M * (M + 1) * K
 
 
+@register_flop_formula(torch.ops.moe_speedrun.ns_polynomial)
+def ns_polynomial_flops(a_shape, *args, **kwargs) -> int:
+    # its A A^T, counted as gram_matrix's (the epilogue's sum is not a matmul)
+    return gram_matrix_flops(a_shape)
+
+
 def shape_counts(muon: tg.Muon) -> list[tuple[int, int, int]]:
     # (matrices, m, n) of each shape group
     out = []
