@@ -67,7 +67,7 @@ class Hyperparameters:
     muon_momentum_warmup: int = 300  # steps from muon_momentum_start to muon_momentum
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_method: str = "quintic"  # quintic (Jordan's) | polar_express (a minimax quintic per step) | gram (+ Gram iteration)
-    ns_kernel: str = "torch"  # torch | triton (X X^T and A^2 by a kernel that computes half of each product)
+    ns_kernel: str = "torch"  # torch | triton (X X^T, A^2 by a kernel computing half of each; a I + b A + c A^2 fused)
     expert_lr_mult: float = 1.0  # learning rate of the routed experts' matrices, times muon_lr (or adamw_lr)
     adamw_lr: float = 0.003  # matrices, when matrix_optimizer=adamw
     adamw_weight_decay: float = 0.0
