@@ -10,6 +10,7 @@ Reads the logs train_gpt.py writes (logs/<run_id>.txt) and plain modded-nanogpt 
     python logger.py records --write README.md
 """
 import argparse
+import difflib
 import glob
 import hashlib
 import json
@@ -382,9 +383,17 @@ def runs_cell(runs: list[Run]) -> str:
     return f"{complete} ({counts})" if left_out else str(complete)
 
 
-def ignored_keys(ignore: str, split: str) -> set[str]:
-    # the config keys that do not split groups: RUN_KEYS and --ignore's, less --split's (comma-separated lists)
+def ignored_keys(ignore: str, split: str, runs: list[Run]) -> set[str]:
+    # the config keys that do not split groups: RUN_KEYS and --ignore's, less --split's (comma-separated lists).
+    # A key no run's config has is refused: a misspelt --split seemed to split and did nothing
     keys = lambda text: {key.strip() for key in text.split(",") if key.strip()}
+    known = set().union(*((run.config or {}).keys() for run in runs))
+    for flag, text in (("--ignore", ignore), ("--split", split)):
+        unknown = sorted(keys(text) - known)
+        if unknown and known:
+            close = difflib.get_close_matches(unknown[0].lower(), sorted(known), n=1)
+            raise LogError(f"{flag} {unknown[0]} is not a config key of these runs"
+                           + (f"; did you mean {close[0]}?" if close else "; the keys are those of a log's config line"))
     return (keys(RUN_KEYS) | keys(ignore)) - keys(split)
 
 
@@ -595,8 +604,10 @@ def fewest_verdict(counts: list[StepCount], target: float, dense_steps: int, den
     return "\n".join(lines)
 
 
-def fewest_report(reference: list[Run], candidates: list[Run], ignore: set[str], markdown: bool) -> str:
-    dense = check_reference(reference, ignore)
+def fewest_report(reference: list[Run], candidates: list[Run], ignore: set[str], markdown: bool,
+                  split: set[str] = frozenset()) -> str:
+    # `split`: keys that split the candidates' groups only; the dense runs that set the target may differ in them
+    dense = check_reference(reference, ignore | split)
     dense_losses = [run.final_loss for run in dense]
     target = statistics.mean(dense_losses)
     dense_time = statistics.mean(run.train_time_ms for run in dense) / 1000
@@ -901,10 +912,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "summary":
             print(summary_table(runs, args.md))
         elif args.command == "compare":
-            ignore = ignored_keys(args.ignore, args.split)
+            ignore = ignored_keys(args.ignore, args.split, runs)
             print(compare_report(group_runs(runs, args.by, args.pattern, ignore), args.target, args.md))
         elif args.command == "fewest":
-            ignore = ignored_keys(args.ignore, args.split)
             if args.reference:
                 reference = load_runs(args.reference)
                 named = {run.path.resolve() for run in reference}
@@ -912,7 +922,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 reference = [run for run in runs if not run.has_experts]
                 candidates = [run for run in runs if run.has_experts]
-            print(fewest_report(reference, candidates, ignore, args.md))
+            ignore = ignored_keys(args.ignore, args.split, runs + reference)
+            split = {key.strip() for key in args.split.split(",") if key.strip()}
+            print(fewest_report(reference, candidates, ignore, args.md, split))
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")

@@ -340,6 +340,24 @@ def test_fewest_finds_the_record_and_the_lead(tmp_path, capsys):
     assert "### MoE E32 top-4 + 1 shared" in out
 
 
+def test_fewest_split_by_seed_splits_the_candidates_not_the_target(tmp_path, capsys):
+    # the dense runs of bench/fewest_steps.sh have seeds 0..2: --split seed refused them as runs of two configs
+    code, out, err = run_cli(capsys, "fewest", "--md", "--split", "seed", fewest_logs(tmp_path))
+    assert code == 0, err
+    assert f"target: {statistics.mean(DENSE):.4f}, the mean final val loss of 3 dense runs" in out
+    assert "seed=0" in out and "seed=2" in out  # the MoE runs are grouped by seed
+    assert table_row(out, "700")[1] == "1"
+
+
+@pytest.mark.parametrize("command, flag, key, hint", [("fewest", "--split", "sead", "did you mean seed?"),
+                                                      ("compare", "--ignore", "bogus_knob", "the keys are those")])
+def test_a_key_no_run_has_is_refused(tmp_path, capsys, command, flag, key, hint):
+    # a misspelt --split printed the unsplit groups and exited 0
+    code, out, err = run_cli(capsys, command, flag, key, fewest_logs(tmp_path))
+    assert code == 2 and out == ""
+    assert err.startswith(f"logger.py: error: {flag} {key} is not a config key of these runs") and hint in err
+
+
 def test_fewest_groups_configs_and_leaves_incomplete_runs_out(tmp_path, capsys):
     write_step_runs(tmp_path, "dense", 800, DENSE, 90)
     write_step_runs(tmp_path, "e8", 700, [4.070, 4.072, 4.071], 100, {"num_experts": 8, "top_k": 1})
