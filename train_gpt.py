@@ -158,6 +158,12 @@ def load_config(env: dict) -> Hyperparameters:
             raise ConfigError(f"environment variable {key} is not a setting; did you mean {meant}?")
     args = Hyperparameters(**values)
     validate(args)
+    # the mixture-of-experts knobs shape layers a dense model has none of: one set, even to its default, does nothing
+    moe_set = sorted(by_env[k].name for k in env if k in by_env and by_env[k].name in MOE_SETTINGS)
+    if moe_set and not args.num_experts:
+        name = moe_set[0].upper()
+        raise ConfigError(f"{name}={env[name]} sets the experts, but NUM_EXPERTS=0 builds a dense model; set "
+                          f"NUM_EXPERTS (e.g. 32) or unset {name}")
     return args
 
 def layer_list(name: str, text: str, num_layers: int) -> list[int]:
@@ -254,12 +260,6 @@ def validate(args: Hyperparameters, world_size: int = 1):
     need(args.bucket_mb >= 1, f"BUCKET_MB={args.bucket_mb} must be at least 1 (MiB of parameters per bucket)")
     need(args.expert_init_scale > 0, f"EXPERT_INIT_SCALE={args.expert_init_scale}: at 0 the experts start at zero "
          "and get no gradient (w2 starts at 0 too); use a positive multiplier, 1 = record 21's init")
-    if not args.num_experts:
-        # the mixture-of-experts knobs shape layers a dense model has none of: a set one would do nothing
-        for f in fields(args):
-            if f.name in MOE_SETTINGS and getattr(args, f.name) != f.default:
-                raise ConfigError(f"{f.name.upper()}={getattr(args, f.name)} sets the experts, but NUM_EXPERTS=0 "
-                                  f"builds a dense model; set NUM_EXPERTS (e.g. 32) or unset {f.name.upper()}")
     if args.num_experts:
         need(1 <= args.top_k <= args.num_experts,
              f"TOP_K={args.top_k} must be between 1 and NUM_EXPERTS={args.num_experts}")
@@ -1851,9 +1851,11 @@ def check_settings(ckpt: dict, args: Hyperparameters, world_size: int):
                  else "Muon's split by whole matrices, Adam's whole on each rank")
         raise ConfigError(f"RESUME={args.resume} was trained with GRAD_REDUCE={was}, whose optimizer state is "
                           f"{split}; resume with GRAD_REDUCE={was}")
-    arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_experts",
-            "top_k", "expert_hidden", "expert_act", "shared_experts", "router", "moe_layers", "matrix_optimizer")
-    changed = [f for f in arch if ckpt["args"][f] != getattr(args, f)]
+    arch = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_hidden", "num_value_embeds",
+            "no_attn_layers", "num_experts", "top_k", "expert_hidden", "expert_act", "shared_experts", "router",
+            "moe_layers", "matrix_optimizer")
+    default = {f.name: f.default for f in fields(Hyperparameters)}  # a key older checkpoints lack had its default
+    changed = [f for f in arch if ckpt["args"].get(f, default[f]) != getattr(args, f)]
     if changed:
         raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
                           f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
@@ -1863,6 +1865,11 @@ def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module, world_
     # checkpoint was written)
     check_settings(ckpt, args, world_size)
     own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(ckpt["model"])), sorted(set(ckpt["model"]) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"RESUME={args.resume} " + (f"lacks this model's {missing[0]}" if missing else
+                          f"holds {unexpected[0]}, which this model lacks") + "; resume with the settings in its run's "
+                          f"log (the layers, value embeddings and experts it was trained with)")
     for name, saved in ckpt["model"].items():
         if name in own and saved.shape != own[name].shape:
             raise ConfigError(f"RESUME={args.resume} holds {name} of shape {tuple(saved.shape)} but this model's is "
@@ -1927,6 +1934,14 @@ def main(env: dict | None = None, check_only: bool = False):
         check_writable("LOG_DIR", args.log_dir)
         if args.save_checkpoint or args.save_every:
             check_writable("CHECKPOINT_DIR", args.checkpoint_dir)
+            folder = repo_path(args.checkpoint_dir) / args.run_id
+            resumed = Path(args.resume).resolve() if args.resume else None
+            # those up to the one it resumes from are this run's own past; later ones are another run's future
+            own = lambda p: resumed is not None and resumed.parent == folder.resolve() and p.name <= resumed.name
+            taken = sorted(p for p in folder.glob("step_*.pt") if not own(p)) if args.run_id else []
+            if taken:  # a second run of one RUN_ID (another LOG_DIR) overwrote the first's checkpoints step by step
+                raise ConfigError(f"RUN_ID={args.run_id}: {folder} already holds checkpoints ({taken[0].name}), "
+                                  f"which this run would overwrite; choose another RUN_ID or move them")
     ckpt = load_checkpoint(args, world_size) if args.resume else None
     device = pick_device(local_rank)
     for knob, used in (("MOE_KERNEL", args.num_experts), ("NS_KERNEL", args.matrix_optimizer == "muon")):

@@ -182,7 +182,14 @@ def test_expert_knobs_are_refused_for_a_dense_model(knob, value):
 def test_every_expert_knob_is_a_setting():
     from train_gpt import MOE_SETTINGS
     assert MOE_SETTINGS <= set(Hyperparameters.__dataclass_fields__)
-    load_config({"TOP_K": "2", "ROUTER": "softmax"})  # the defaults: a dense run may spell them out
+
+
+def test_an_expert_knob_set_to_its_default_is_refused_too():
+    # TOP_K=2 is the default: checked by value, it slipped through where TOP_K=4 was refused
+    with pytest.raises(ConfigError, match="TOP_K=2 sets the experts, but NUM_EXPERTS=0"):
+        load_config({"TOP_K": "2"})
+    with pytest.raises(ConfigError, match="ROUTER=softmax sets the experts"):
+        load_config({"NUM_EXPERTS": "0", "ROUTER": "softmax"})
 
 
 def test_cli_refuses_a_newton_schulz_knob_with_adamw_in_one_line():

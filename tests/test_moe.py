@@ -378,6 +378,12 @@ def test_resume_refuses_a_checkpoint_of_another_architecture():
     with pytest.raises(tg.ConfigError, match="RESUME=old.pt was trained with a different TOP_K=1"):
         tg.check_checkpoint(dict(args=dataclasses.asdict(dataclasses.replace(args, top_k=1)), model=model.state_dict(),
                                  world_size=1), args, model, 1)
+    fewer = {k: v for k, v in model.state_dict().items() if "value_embeds" not in k}  # same settings, other keys
+    with pytest.raises(tg.ConfigError, match=r"RESUME=old.pt lacks this model's value_embeds\.0\.weight; resume with"):
+        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=fewer, world_size=1), args, model, 1)
+    more = model.state_dict() | dict(extra=torch.zeros(1))
+    with pytest.raises(tg.ConfigError, match="RESUME=old.pt holds extra, which this model lacks"):
+        tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=more, world_size=1), args, model, 1)
     with pytest.raises(tg.ConfigError, match="RESUME=old.pt was written by 2 processes and this run has 1"):
         tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=model.state_dict(), world_size=2), args, model, 1)
 

@@ -329,6 +329,8 @@ def test_a_checkpoint_folder_that_cannot_be_made_stops_with_the_log_kept(shared_
     ("at the end", "is at step 10 and NUM_ITERATIONS=10 leaves nothing to train"),
     ("profile past the end", "PROFILE_STEPS=8"),
     ("another architecture", "was trained with a different MLP_HIDDEN=512"),
+    ("other value embeddings", "was trained with a different NUM_VALUE_EMBEDS=1"),  # were a load_state_dict traceback
+    ("attention elsewhere", "was trained with a different NO_ATTN_LAYERS=2"),
 ])
 def test_resume_is_checked_before_the_model_is_built(full_run, tmp_path, monkeypatch, case, message):
     ckpt = full_run["out"] / "ckpt" / "full" / "step_000010.pt"
@@ -346,11 +348,37 @@ def test_resume_is_checked_before_the_model_is_built(full_run, tmp_path, monkeyp
         path, overrides = ckpt, dict(PROFILE_STEPS=8)  # steps 16..23 of 20
     elif case == "another architecture":
         path, overrides = ckpt, dict(MLP_HIDDEN=256)
+    elif case == "other value embeddings":
+        path, overrides = ckpt, dict(NUM_VALUE_EMBEDS=2)
+    elif case == "attention elsewhere":
+        path, overrides = ckpt, dict(NO_ATTN_LAYERS=1)
     monkeypatch.setattr(train_gpt, "GPT", None)  # building the model would fail: the check must come first
     with pytest.raises(train_gpt.ConfigError) as e:
         train_gpt.main(tiny_env(full_run["data"], tmp_path, RESUME=path, **overrides))
     assert f"RESUME={path}" in str(e.value) and message in str(e.value)
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_second_run_of_one_run_id_does_not_overwrite_its_checkpoints(full_run, tmp_path):
+    # RUN_ID=full again with another LOG_DIR: the log check passes, and its checkpoints would replace full's
+    out, data = full_run["out"], full_run["data"]
+    folder = out / "ckpt" / "full"
+    env = tiny_env(data, tmp_path, RUN_ID="full", CHECKPOINT_DIR=out / "ckpt", SAVE_EVERY=10)
+    with pytest.raises(train_gpt.ConfigError) as e:
+        train_gpt.main(env, check_only=True)
+    assert str(e.value) == (f"RUN_ID=full: {folder} already holds checkpoints (step_000010.pt), which this run "
+                            f"would overwrite; choose another RUN_ID or move them")
+    # a run continuing from its own last checkpoint writes only after it: allowed; from an earlier one it would
+    # overwrite the later ones (another run's future): refused
+    own = tmp_path / "ckpt" / "mine"
+    own.mkdir(parents=True)
+    (own / "step_000010.pt").write_bytes((folder / "step_000010.pt").read_bytes())
+    mine = tiny_env(data, tmp_path, RUN_ID="mine", SAVE_EVERY=10, RESUME=own / "step_000010.pt")
+    train_gpt.main(mine, check_only=True)
+    (own / "step_000020.pt").write_bytes(b"")
+    with pytest.raises(train_gpt.ConfigError, match=r"already holds checkpoints \(step_000020.pt\)"):
+        train_gpt.main(mine, check_only=True)
+    train_gpt.main(tiny_env(data, tmp_path, RUN_ID="full", CHECKPOINT_DIR=out / "ckpt"), check_only=True)
 
 
 def test_a_refused_resume_leaves_no_log(full_run):
