@@ -137,16 +137,32 @@ def parse_value(name: str, raw: str, kind: type):
         raise ConfigError(f"{name}={raw!r} is not a{'n' if kind is int else ''} {kind.__name__}; "
                           f"e.g. {name}={kind(Hyperparameters.__dataclass_fields__[name.lower()].default)}") from None
 
+def word_cut(word: str, part: str) -> bool:
+    # WORD stands for the setting's word PART: the whole word, or its first 3 or more letters
+    return word == part or len(word) >= 3 and part.startswith(word)
+
 def setting_meant_by(key: str, names: list[str]) -> str | None:
-    # a setting in the wrong case, misspelt, or abbreviated word by word (NUM_ITERS); an unrelated variable that
-    # merely shares a word with a setting (LOG_LEVEL, RUN_NAME) is left alone
+    # a setting in the wrong case, misspelt, abbreviated word by word (NUM_ITERS), cut short or missing a word
+    # (AUX_LOSS, VAL_EVERY: the one setting whose words from its first take the key's words in order), or with words
+    # added (RESUME_FROM); an unrelated variable that merely shares a word with a setting (LOG_LEVEL, RUN_NAME) is left
+    # alone
     upper = key.upper()
     close = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
     if close:
         return close[0]
     words = upper.split("_")
-    return next((name for name in names if len(words) > 1 and len(name.split("_")) == len(words)
-                 and all(len(w) >= 3 and part.startswith(w[:3]) for w, part in zip(words, name.split("_")))), None)
+    abbreviated = next((name for name in names if len(words) > 1 and len(name.split("_")) == len(words)
+                        and all(len(w) >= 3 and part.startswith(w[:3]) for w, part in zip(words, name.split("_")))), None)
+    if abbreviated or len(upper) < 3:
+        return abbreviated
+    near = []
+    for name in names:
+        first, *rest = parts = name.split("_")
+        rest = iter(rest)  # consumed in order: each word matches a later part than the one before
+        if words[:len(parts)] == parts or word_cut(words[0], first) and all(
+                any(word_cut(w, part) for part in rest) for w in words[1:]):
+            near.append(name)
+    return near[0] if len(near) == 1 else None
 
 def load_config(env: dict) -> Hyperparameters:
     by_env = {f.name.upper(): f for f in fields(Hyperparameters)}
