@@ -688,15 +688,19 @@ def draw_val_loss(ax, runs: list[Run], axis: str, target: float | None) -> None:
 
 
 def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path]:
+    plotted = [run for run in runs if run.val]
+    if not plotted:
+        raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LogError(f"--out-dir {out_dir}: cannot create it ({error.strerror or error}); "
+                       "give --out-dir a folder you can write to") from None
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    plotted = [run for run in runs if run.val]
-    if not plotted:
-        raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for axis, name in (("time", "val_loss_vs_time.png"), ("step", "val_loss_vs_step.png")):
         fig, ax = plt.subplots(figsize=(9, 5.5))

@@ -421,6 +421,16 @@ def test_plots_are_valid_pngs(tmp_path, capsys):
         assert str(path) in out
 
 
+@pytest.mark.parametrize("out_dir", ["/proc/x/plots", "file"])
+def test_plot_names_an_out_dir_it_cannot_make(tmp_path, capsys, out_dir):
+    # a traceback before (FileNotFoundError, or FileExistsError when a file is given as the folder)
+    (tmp_path / "file").write_text("not a folder")
+    out_dir = tmp_path / out_dir
+    code, out, err = run_cli(capsys, "plot", "--out-dir", out_dir, FIXTURES)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"logger.py: error: --out-dir {out_dir}: cannot create it"), err
+
+
 def test_points_beyond_the_view_are_marked_and_steps_are_whole(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
