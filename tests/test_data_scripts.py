@@ -192,6 +192,16 @@ def test_download_more_shards_than_published_is_a_clear_error(hub, tmp_path):
     assert sum(server.downloads.values()) == downloads
 
 
+@pytest.mark.parametrize("out", ["/proc/x/fw", "file"])
+def test_download_names_an_out_it_cannot_make(tmp_path, out):
+    # refused before any download, not a FileNotFoundError or FileExistsError traceback
+    (tmp_path / "file").write_text("not a folder")
+    r = subprocess.run([sys.executable, str(DOWNLOAD), "1", "--out", str(tmp_path / out)], cwd=tmp_path,
+                       env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert r.stderr.startswith(f"cached_fineweb10B.py: error: --out {tmp_path / out}: cannot create it"), r.stderr
+
+
 def test_download_edu_variant_lands_beside_the_script_from_any_cwd(hub, tmp_path):
     repo_data = tmp_path / "repo" / "data"
     repo_data.mkdir(parents=True)
