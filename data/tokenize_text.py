@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_tokens < 1:
         parser.error(f"--shard-tokens {args.shard_tokens} must be positive")
     try:
+        if Path(args.prefix).name != args.prefix:  # the shards would go to a folder that --out does not make
+            raise InputError(f"--prefix {args.prefix} is not a file name; put folders in --out "
+                             f"(--out {args.out / Path(args.prefix).parent} --prefix {Path(args.prefix).name})")
         files = input_files(args.inputs)
         check_writable(args.out)
         stale = sorted(args.out.glob(f"{args.prefix}_*.bin"))

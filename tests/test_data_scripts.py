@@ -318,7 +318,7 @@ def test_tokenize_val_choice_follows_the_seed(corpus, small_bpe, tmp_path):
 
 @pytest.mark.parametrize("case", ["no text field", "no such input", "no such file", "wrong file type",
                                   "shards already there", "all val", "no bpe dir", "out cannot be made",
-                                  "out is a file"])
+                                  "out is a file", "prefix with a folder"])
 def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, case):
     out = tmp_path / "tokens"
     (tmp_path / "notes.md").write_text("a document", encoding="utf-8")
@@ -333,6 +333,8 @@ def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, ca
         # /proc takes no new folders: before, this crashed with a traceback after tokenizing everything
         "out cannot be made": ([corpus, "--out", "/proc/x/tokens"], "--out /proc/x/tokens: cannot create or write it"),
         "out is a file": ([corpus, "--out", tmp_path / "notes.md"], "--out {tmp}/notes.md: cannot create or write it"),
+        # this crashed too, after tokenizing: the shards' names held a folder that nothing made
+        "prefix with a folder": ([corpus, "--prefix", "a/b"], "--prefix a/b is not a file name; put folders in --out"),
     }[case]
     if case == "shards already there":
         out.mkdir()
