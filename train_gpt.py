@@ -1893,10 +1893,14 @@ def load_checkpoint(args: Hyperparameters, world_size: int) -> dict:
                           f"wrote ({args.checkpoint_dir}/<run id>/step_000100.pt for step 100)")
     try:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises whatever the bytes trip (IndexError, UnpicklingError, zip errors)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint ({reason}); it is truncated or "
-                          f"not a checkpoint: resume from another one") from None
+    except OSError as e:
+        raise ConfigError(f"RESUME={args.resume} cannot be read ({e.strerror or e}); give a checkpoint you can "
+                          f"read") from None
+    except Exception:  # the unpickler raises whatever the bytes trip; torch's text (load with weights_only=False)
+        # would mislead: this trainer's checkpoints load with weights_only=True
+        raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint: it is not a checkpoint file of "
+                          f"train_gpt.py, or it is truncated; give one that SAVE_EVERY or SAVE_CHECKPOINT wrote") \
+            from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing == ["world_size"]:
         raise ConfigError(f"RESUME={args.resume} was written before checkpoints held each rank's optimizer state "
