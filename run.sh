@@ -76,13 +76,13 @@ have_shards() {  # $1: a glob relative to the cwd or the repo, as the trainer re
 }
 
 if [[ $gpus -eq 0 ]]; then
-    # the README's tiny CPU configuration (tests/conftest.py tiny_env); a setting given in the environment wins
+    # the README's tiny CPU configuration (tests/conftest.py tiny_env); a setting given in the environment, even empty, wins
     tiny=(NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=2 HEAD_DIM=64 MLP_HIDDEN=512 NUM_VALUE_EMBEDS=1 NO_ATTN_LAYERS=2
           LONG_WINDOW_LAYERS=0,3 WINDOW_MAX=256 TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=512 VAL_SEQ_LEN=512
           VAL_TOKENS=2048 NUM_ITERATIONS=20 VAL_LOSS_EVERY=10)
     for setting in "${tiny[@]}"; do
         name=${setting%%=*}
-        [[ -n ${!name:-} ]] || export "$setting"
+        [[ -n ${!name+set} ]] || export "$setting"
     done
     echo "run.sh: no GPU on this machine: training the tiny CPU configuration (4 layers, 128 wide, 20 steps) to" \
          "show that it runs the trainer; the speedrun itself needs GPUs"

@@ -116,6 +116,17 @@ def test_no_gpu_defaults_to_the_tiny_configuration(recorder, tmp_path, shared_sh
     assert {k: v for k, v in env.items() if k in names} == {k: v for k, v in expected.items() if k in names}
 
 
+def test_no_gpu_keeps_a_setting_given_empty(recorder, tmp_path, shared_shards):
+    # NO_ATTN_LAYERS= (no layer without attention) became the tiny default 2 again
+    no_gpu(recorder)
+    given = dict(TRAIN_FILES=str(shared_shards / "syn_train_*.bin"), VAL_FILES=str(shared_shards / "syn_val_*.bin"),
+                 NO_ATTN_LAYERS="", LONG_WINDOW_LAYERS="", CALLS=recorder["env"]["CALLS"])
+    r = launch(given, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    env = recorded_env(recorder)
+    assert env["NO_ATTN_LAYERS"] == env["LONG_WINDOW_LAYERS"] == "" and env["NUM_LAYERS"] == "4"
+
+
 def test_settings_reach_the_trainer_and_launcher_variables_do_not(recorder, tmp_path):
     settings = dict(NUM_EXPERTS="8", TOP_K="2", NPROC="2", NNODES="1", RDZV_ID="x", FETCH_SHARDS="3")
     r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
