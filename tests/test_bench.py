@@ -318,6 +318,14 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is fo
                  marks=NO_GPU),
     pytest.param("step_profile.py", [], "error: bench/step_profile.py times CUDA events: run it on a GPU",
                  marks=NO_GPU),
+    ("moe_layer.py", ["--tokens", "-5"],
+     "moe_layer.py: error: argument --tokens: '-5' must be a whole number, at least 1"),
+    ("moe_layer.py", ["--configs", "8x2,4x8"], "moe_layer.py: error: argument --configs: '8x2,4x8' must be"),
+    ("moe_layer.py", ["--against", "/nope.py"],
+     "error: --against /nope.py: no such file; give the path of another train_gpt.py"),
+    pytest.param("moe_layer.py", [], "error: bench/moe_layer.py times CUDA events: run it on a GPU", marks=NO_GPU),
+    pytest.param("moe_layer.py", ["--gemms"], "error: bench/moe_layer.py times CUDA events: run it on a GPU",
+                 marks=NO_GPU),
 ])
 def test_bad_arguments_are_refused_before_the_model_is_built(shards, script, args, message):
     r = bench_py(script, *args, TRAIN_FILES=str(shards / "syn_train_*.bin"))
