@@ -326,6 +326,11 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is fo
     pytest.param("moe_layer.py", [], "error: bench/moe_layer.py times CUDA events: run it on a GPU", marks=NO_GPU),
     pytest.param("moe_layer.py", ["--gemms"], "error: bench/moe_layer.py times CUDA events: run it on a GPU",
                  marks=NO_GPU),
+    ("polar_express.py", ["--lower", "2"], "polar_express.py: error: argument --lower: 2.0 must be above 0 and below 1"),
+    ("polar_express.py", ["--lower", "-1"], "polar_express.py: error: argument --lower: -1.0 must be above 0"),
+    ("polar_express.py", ["--cushion", "5"], "polar_express.py: error: argument --cushion: 5.0 must be at least 0"),
+    ("polar_express.py", ["--steps", "0"], "polar_express.py: error: argument --steps: 0 must be at least 1"),
+    ("polar_express.py", ["--cushion", "0.99999"], "error: Remez on ["),  # too narrow a fit for float64
 ])
 def test_bad_arguments_are_refused_before_the_model_is_built(shards, script, args, message):
     r = bench_py(script, *args, TRAIN_FILES=str(shards / "syn_train_*.bin"))
