@@ -90,8 +90,10 @@ if [[ $gpus -eq 0 ]]; then
         export TRAIN_FILES="data/tokens/tiny_train_*.bin" VAL_FILES="data/tokens/tiny_val_*.bin"
         if ! have_shards "$TRAIN_FILES" || ! have_shards "$VAL_FILES"; then
             echo "run.sh: making the tiny shards from the logs in records/ (one log for validation)"
+            # offline, the tokenizer's hint names run.sh's BPE_DIR rather than its own --bpe-dir
+            hint="offline, set BPE_DIR to a folder holding GPT-2's vocab.bpe and encoder.json: BPE_DIR=DIR ./run.sh"
             python3 "$root/data/tokenize_text.py" "$root/records" --prefix tiny --val-docs 1 \
-                --out "$root/data/tokens" ${BPE_DIR:+--bpe-dir "$BPE_DIR"} || exit
+                --out "$root/data/tokens" ${BPE_DIR:+--bpe-dir "$BPE_DIR"} --bpe-hint "$hint" || exit
         fi
     fi
 else
