@@ -287,19 +287,24 @@ def final_layers(run: Run) -> list[dict[str, float]]:
     return list(run.moe[max(run.moe)].values()) if run.moe else []
 
 
+def nan_aware(pick, values: list[float]) -> float:
+    # min and max skip a NaN or return it depending on where it falls; a layer that logged one shows as nan
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
+
+
 def final_balance(run: Run) -> str:
     layers = final_layers(run)
     if not layers:
         return "-"
-    busiest = max(layer.get("load_max", math.nan) for layer in layers)
-    idlest = min(layer.get("load_min", math.nan) for layer in layers)
+    busiest = nan_aware(max, [layer.get("load_max", math.nan) for layer in layers])
+    idlest = nan_aware(min, [layer.get("load_min", math.nan) for layer in layers])
     return f"{busiest:.2f}/{idlest:.2f}"
 
 
 def final_gate_min(run: Run) -> str:
     # the smallest per-layer gate_min at the last validation: near 0 means some layer's top-k acts as top-1
     values = [layer["gate_min"] for layer in final_layers(run) if "gate_min" in layer]
-    return f"{min(values):.3f}" if values else "-"
+    return f"{nan_aware(min, values):.3f}" if values else "-"
 
 
 MOE_COLUMNS = ("experts", "top_k", "router", "load max/min", "gate min")
