@@ -905,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote the records tables into {args.write}")
             else:
                 print(tables)
+            sys.stdout.flush()
             return 0
         runs = load_runs(args.paths)
         if args.command == "summary":
@@ -925,9 +926,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")
+        sys.stdout.flush()  # here, not at exit, a reader that left (| head) shows as a BrokenPipeError
     except LogError as error:  # input it cannot use: exit 2, as argparse's usage errors
         print(f"logger.py: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # quietly, as the Python docs advise: devnull takes what is left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

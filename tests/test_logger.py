@@ -182,6 +182,17 @@ def test_summary_shows_a_layers_nan_as_nan(tmp_path, capsys):
     assert code == 0 and (row["load max/min"], row["gate min"]) == ("nan/0.40", "nan"), row
 
 
+@pytest.mark.parametrize("command", ["compare", "summary"])
+def test_a_reader_that_leaves_early_is_no_error(command):
+    # logger.py compare logs | head -2 printed a BrokenPipeError traceback; here the reader is gone before any output
+    read, write = os.pipe()
+    os.close(read)
+    r = subprocess.run([sys.executable, str(ROOT / "logger.py"), command, str(FIXTURES)], stdout=write,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
 def test_summary_of_dense_runs_has_no_expert_columns(tmp_path, capsys):
     dense = write_log(tmp_path / "dense.txt", [(0, 0, 10.8), (10, 900, 6.0)], 10)
     moe = write_log(tmp_path / "moe.txt", [(0, 0, 10.8), (10, 900, 5.9)], 10, {"num_experts": 8, "top_k": 1})
