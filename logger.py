@@ -288,19 +288,24 @@ def final_layers(run: Run) -> list[dict[str, float]]:
     return list(run.moe[max(run.moe)].values()) if run.moe else []
 
 
+def nan_aware(pick, values: list[float]) -> float:
+    # min and max skip a NaN or return it depending on where it falls; a layer that logged one shows as nan
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
+
+
 def final_balance(run: Run) -> str:
     layers = final_layers(run)
     if not layers:
         return "-"
-    busiest = max(layer.get("load_max", math.nan) for layer in layers)
-    idlest = min(layer.get("load_min", math.nan) for layer in layers)
+    busiest = nan_aware(max, [layer.get("load_max", math.nan) for layer in layers])
+    idlest = nan_aware(min, [layer.get("load_min", math.nan) for layer in layers])
     return f"{busiest:.2f}/{idlest:.2f}"
 
 
 def final_gate_min(run: Run) -> str:
     # the smallest per-layer gate_min at the last validation: near 0 means some layer's top-k acts as top-1
     values = [layer["gate_min"] for layer in final_layers(run) if "gate_min" in layer]
-    return f"{min(values):.3f}" if values else "-"
+    return f"{nan_aware(min, values):.3f}" if values else "-"
 
 
 MOE_COLUMNS = ("experts", "top_k", "router", "load max/min", "gate min")
@@ -699,15 +704,19 @@ def draw_val_loss(ax, runs: list[Run], axis: str, target: float | None) -> None:
 
 
 def plot_runs(runs: list[Run], out_dir: Path, target: float | None) -> list[Path]:
+    plotted = [run for run in runs if run.val]
+    if not plotted:
+        raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LogError(f"--out-dir {out_dir}: cannot create it ({error.strerror or error}); "
+                       "give --out-dir a folder you can write to") from None
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    plotted = [run for run in runs if run.val]
-    if not plotted:
-        raise LogError("none of the logs has a val_loss line yet; plot runs that reached their first validation")
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for axis, name in (("time", "val_loss_vs_time.png"), ("step", "val_loss_vs_step.png")):
         fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -907,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote the records tables into {args.write}")
             else:
                 print(tables)
+            sys.stdout.flush()
             return 0
         runs = load_runs(args.paths)
         if args.command == "summary":
@@ -928,9 +938,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")
+        sys.stdout.flush()  # here, not at exit, a reader that left (| head) shows as a BrokenPipeError
     except LogError as error:  # input it cannot use: exit 2, as argparse's usage errors
         print(f"logger.py: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # quietly, as the Python docs advise: devnull takes what is left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -76,13 +76,13 @@ have_shards() {  # $1: a glob relative to the cwd or the repo, as the trainer re
 }
 
 if [[ $gpus -eq 0 ]]; then
-    # the README's tiny CPU configuration (tests/conftest.py tiny_env); a setting given in the environment wins
+    # the README's tiny CPU configuration (tests/conftest.py tiny_env); a setting given in the environment, even empty, wins
     tiny=(NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=2 HEAD_DIM=64 MLP_HIDDEN=512 NUM_VALUE_EMBEDS=1 NO_ATTN_LAYERS=2
           LONG_WINDOW_LAYERS=0,3 WINDOW_MAX=256 TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=512 VAL_SEQ_LEN=512
           VAL_TOKENS=2048 NUM_ITERATIONS=20 VAL_LOSS_EVERY=10)
     for setting in "${tiny[@]}"; do
         name=${setting%%=*}
-        [[ -n ${!name:-} ]] || export "$setting"
+        [[ -n ${!name+set} ]] || export "$setting"
     done
     echo "run.sh: no GPU on this machine: training the tiny CPU configuration (4 layers, 128 wide, 20 steps) to" \
          "show that it runs the trainer; the speedrun itself needs GPUs"
@@ -90,8 +90,10 @@ if [[ $gpus -eq 0 ]]; then
         export TRAIN_FILES="data/tokens/tiny_train_*.bin" VAL_FILES="data/tokens/tiny_val_*.bin"
         if ! have_shards "$TRAIN_FILES" || ! have_shards "$VAL_FILES"; then
             echo "run.sh: making the tiny shards from the logs in records/ (one log for validation)"
+            # offline, the tokenizer's hint names run.sh's BPE_DIR rather than its own --bpe-dir
+            hint="offline, set BPE_DIR to a folder holding GPT-2's vocab.bpe and encoder.json: BPE_DIR=DIR ./run.sh"
             python3 "$root/data/tokenize_text.py" "$root/records" --prefix tiny --val-docs 1 \
-                --out "$root/data/tokens" ${BPE_DIR:+--bpe-dir "$BPE_DIR"} || exit
+                --out "$root/data/tokens" ${BPE_DIR:+--bpe-dir "$BPE_DIR"} --bpe-hint "$hint" || exit
         fi
     fi
 else

@@ -137,16 +137,32 @@ def parse_value(name: str, raw: str, kind: type):
         raise ConfigError(f"{name}={raw!r} is not a{'n' if kind is int else ''} {kind.__name__}; "
                           f"e.g. {name}={kind(Hyperparameters.__dataclass_fields__[name.lower()].default)}") from None
 
+def word_cut(word: str, part: str) -> bool:
+    # WORD stands for the setting's word PART: the whole word, or its first 3 or more letters
+    return word == part or len(word) >= 3 and part.startswith(word)
+
 def setting_meant_by(key: str, names: list[str]) -> str | None:
-    # a setting in the wrong case, misspelt, or abbreviated word by word (NUM_ITERS); an unrelated variable that
-    # merely shares a word with a setting (LOG_LEVEL, RUN_NAME) is left alone
+    # a setting in the wrong case, misspelt, abbreviated word by word (NUM_ITERS), cut short or missing a word
+    # (AUX_LOSS, VAL_EVERY: the one setting whose words from its first take the key's words in order), or with words
+    # added (RESUME_FROM); an unrelated variable that merely shares a word with a setting (LOG_LEVEL, RUN_NAME) is left
+    # alone
     upper = key.upper()
     close = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
     if close:
         return close[0]
     words = upper.split("_")
-    return next((name for name in names if len(words) > 1 and len(name.split("_")) == len(words)
-                 and all(len(w) >= 3 and part.startswith(w[:3]) for w, part in zip(words, name.split("_")))), None)
+    abbreviated = next((name for name in names if len(words) > 1 and len(name.split("_")) == len(words)
+                        and all(len(w) >= 3 and part.startswith(w[:3]) for w, part in zip(words, name.split("_")))), None)
+    if abbreviated or len(words) < 2:  # one word alone (MODEL, LOG, RUN) is too often another tool's variable
+        return abbreviated
+    near = []
+    for name in names:
+        first, *rest = parts = name.split("_")
+        rest = iter(rest)  # consumed in order: each word matches a later part than the one before
+        if words[:len(parts)] == parts or word_cut(words[0], first) and all(
+                any(word_cut(w, part) for part in rest) for w in words[1:]):
+            near.append(name)
+    return near[0] if len(near) == 1 else None
 
 def load_config(env: dict) -> Hyperparameters:
     by_env = {f.name.upper(): f for f in fields(Hyperparameters)}
@@ -1884,10 +1900,14 @@ def load_checkpoint(args: Hyperparameters, world_size: int) -> dict:
                           f"wrote ({args.checkpoint_dir}/<run id>/step_000100.pt for step 100)")
     try:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises whatever the bytes trip (IndexError, UnpicklingError, zip errors)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint ({reason}); it is truncated or "
-                          f"not a checkpoint: resume from another one") from None
+    except OSError as e:
+        raise ConfigError(f"RESUME={args.resume} cannot be read ({e.strerror or e}); give a checkpoint you can "
+                          f"read") from None
+    except Exception:  # the unpickler raises whatever the bytes trip; torch's text (load with weights_only=False)
+        # would mislead: this trainer's checkpoints load with weights_only=True
+        raise ConfigError(f"RESUME={args.resume} cannot be read as a checkpoint: it is not a checkpoint file of "
+                          f"train_gpt.py, or it is truncated; give one that SAVE_EVERY or SAVE_CHECKPOINT wrote") \
+            from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing == ["world_size"]:
         raise ConfigError(f"RESUME={args.resume} was written before checkpoints held each rank's optimizer state "

@@ -19,6 +19,10 @@ dir=${1:-$root/data/wikiblogs}
 [[ -d $dir ]] || { echo "mini.sh: error: data folder $dir does not exist; pass DATA_DIR or stage the corpus" \
                         "(../shared/tools/stage_data.sh ../shared/data data/wikiblogs)" >&2; exit 2; }
 data=$(cd "$dir" && pwd)
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ') || gpus=0  # as multi.sh counts them; --check needs none
+[[ $check == 1 || -n ${CUDA_VISIBLE_DEVICES:-} || $gpus -gt 0 ]] || { echo "mini.sh: error: no GPU found" \
+    "(CUDA_VISIBLE_DEVICES, nvidia-smi -L); the mini runs on one GPU (--check checks settings and shards without)" >&2
+    exit 2; }
 export TRAIN_FILES="$data/wikiblogs_train_00000${TRAIN_SHARDS:-[12]}.bin"
 export VAL_FILES="$data/wikiblogs_val_000000.bin"
 export NUM_ITERATIONS=${NUM_ITERATIONS:-800} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-100} VAL_TOKENS=${VAL_TOKENS:-4718592}

@@ -145,6 +145,8 @@ def parse_config(cfg: str, act: str = "relu2") -> tuple[int, int, int, int]:
     routed, _, shared_text = cfg.partition("+")
     E, K = map(int, routed.split("x"))
     shared = int(shared_text or 0)
+    if not 1 <= K <= E or shared < 0:
+        raise ValueError(cfg)
     return E, K, shared, tg.expert_hidden(tg.Hyperparameters(num_experts=E, top_k=K, shared_experts=shared,
                                                              expert_act=act))
 
@@ -162,19 +164,35 @@ def make_step(layer, x, g):
     return step
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number, at least 1")
+    return int(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", type=int, default=49152)
+    ap.add_argument("--tokens", type=positive, default=49152)
     ap.add_argument("--configs", default="8x2,32x4", help="comma-separated EXPERTSxTOPK[+SHARED], e.g. 8x2,8x1+1")
-    ap.add_argument("--iters", type=int, default=30, help="timed iterations per round (the median is kept)")
-    ap.add_argument("--rounds", type=int, default=1, help="rounds over all variants; each prints its ratios")
+    ap.add_argument("--iters", type=positive, default=30, help="timed iterations per round (the median is kept)")
+    ap.add_argument("--rounds", type=positive, default=1, help="rounds over all variants; each prints its ratios")
     ap.add_argument("--against", help="path of another train_gpt.py whose MoE layer is timed alongside")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--gemms", action="store_true", help="time the grouped GEMMs alone and exit")
     ap.add_argument("--kernels", default="triton,torch", help="MOE_KERNEL paths of this trainer to time")
     ap.add_argument("--kernel-table", action="store_true", help="time each Triton launch alone and exit")
-    ap.add_argument("--act", default="relu2", help="expert activation: relu2 or swiglu")
+    ap.add_argument("--act", default="relu2", choices=["relu2", "swiglu"], help="expert activation")
     opts = ap.parse_args()
+    try:
+        for cfg in opts.configs.split(","):
+            parse_config(cfg, opts.act)
+    except ValueError:
+        ap.error(f"argument --configs: {opts.configs!r} must be comma-separated EXPERTSxTOPK[+SHARED] with "
+                 f"TOPK at most EXPERTS, e.g. 8x2,8x1+1")
+    if opts.against and not Path(opts.against).is_file():
+        ap.exit(2, f"error: --against {opts.against}: no such file; give the path of another train_gpt.py\n")
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: bench/moe_layer.py times CUDA events: run it on a GPU\n")
     tg.pick_device(0)
     if opts.gemms:
         for cfg in opts.configs.split(","):

@@ -66,9 +66,19 @@ def main():
     ap.add_argument("--lower", type=float, default=LOWER, help="smallest normalized singular value designed for")
     ap.add_argument("--cushion", type=float, default=CUSHION, help="fit on [max(l, cushion u), u] (0 = off)")
     opts = ap.parse_args()
+    if opts.steps < 1:
+        ap.error(f"argument --steps: {opts.steps} must be at least 1")
+    if not 0 < opts.lower < 1:
+        ap.error(f"argument --lower: {opts.lower} must be above 0 and below 1 (a normalized singular value)")
+    if not 0 <= opts.cushion < 1:
+        ap.error(f"argument --cushion: {opts.cushion} must be at least 0 (off) and below 1")
+    try:
+        table = polar_express(opts.steps, opts.lower, opts.cushion)
+    except ArithmeticError as e:  # a cushion near 1 leaves a fit interval too narrow for Remez in float64
+        ap.exit(2, f"error: {e}; use a smaller --cushion\n")
     lo, hi = opts.lower, 1.0
     print("POLAR_EXPRESS = [  # bench/polar_express.py")
-    for p in polar_express(opts.steps, opts.lower, opts.cushion):
+    for p in table:
         values = quintic(p, np.linspace(lo, hi, 100_001))
         lo, hi = values.min(), values.max()
         print(f"    ({p[0]!r}, {p[1]!r}, {p[2]!r}),  # band [{lo:.6f}, {hi:.6f}]")

@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"num_train_shards={args.num_train_shards}, but {args.variant} has 0 to "
                      f"{variant.train_shards} train shards; ask for at most {variant.train_shards}")
     out = args.out or DATA_DIR / f"fineweb{args.variant}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"cached_fineweb10B.py: error: --out {out}: cannot create it ({error.strerror or error}); "
+              f"give --out a folder you can write to", file=sys.stderr)
+        return 2
     names = shard_names(variant.prefix, args.num_train_shards)
     todo = [name for name in names if not keep_if_valid(out / name)]
     print(f"{len(names) - len(todo)} of {len(names)} shards already in {out}; downloading {len(todo)} "

@@ -33,6 +33,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 BATCH_DOCS = 512  # documents per tiktoken call, which encodes a batch on several threads
+BPE_HINT = "pass --bpe-dir with a folder holding vocab.bpe and encoder.json"
 
 
 class InputError(Exception):  # bad input: exit 2
@@ -43,13 +44,12 @@ class FetchError(InputError):  # the download failed, not the input: exit 1
     pass
 
 
-def gpt2_encoding(bpe_dir: Path | None) -> tiktoken.Encoding:
+def gpt2_encoding(bpe_dir: Path | None, hint: str = BPE_HINT) -> tiktoken.Encoding:
     if bpe_dir is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except OSError as error:
-            raise FetchError(f"could not fetch the GPT-2 tokenizer ({error}); "
-                             f"pass --bpe-dir with a folder holding vocab.bpe and encoder.json") from error
+            raise FetchError(f"could not fetch the GPT-2 tokenizer ({error}); {hint}") from error
     vocab_bpe, encoder_json = bpe_dir / "vocab.bpe", bpe_dir / "encoder.json"
     for path in (vocab_bpe, encoder_json):
         if not path.is_file():
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bpe-dir", type=Path,
                         help="folder with GPT-2's vocab.bpe and encoder.json, to work offline "
                              "(default: tiktoken downloads them)")
+    parser.add_argument("--bpe-hint", default=BPE_HINT, help=argparse.SUPPRESS)  # run.sh names its BPE_DIR instead
     return parser
 
 
@@ -199,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_tokens < 1:
         parser.error(f"--shard-tokens {args.shard_tokens} must be positive")
     try:
+        if Path(args.prefix).name != args.prefix:  # the shards would go to a folder that --out does not make
+            raise InputError(f"--prefix {args.prefix} is not a file name; put folders in --out "
+                             f"(--out {args.out / Path(args.prefix).parent} --prefix {Path(args.prefix).name})")
         files = input_files(args.inputs)
         check_writable(args.out)
         stale = sorted(args.out.glob(f"{args.prefix}_*.bin"))
         if stale:
             raise InputError(f"{args.out} already holds {stale[0].name} and {len(stale) - 1} more "
                              f"'{args.prefix}_*.bin' shards; delete them or choose another --prefix or --out")
-        encoding = gpt2_encoding(args.bpe_dir)  # a bad --bpe-dir is refused before reading all the text
+        encoding = gpt2_encoding(args.bpe_dir, args.bpe_hint)  # a bad --bpe-dir is refused before reading all the text
         num_docs = count_documents(files, args.text_field)
         num_val = args.val_docs if args.val_docs is not None else math.ceil(args.val_fraction * num_docs)
         if not 0 <= num_val < num_docs:

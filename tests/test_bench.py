@@ -226,6 +226,7 @@ def test_mini_checks_the_settings_before_torchrun(tmp_path, wikiblogs):
     (stubs / "torchrun").chmod(0o755)
     base = {k: v for k, v in os.environ.items() if k not in {f.name.upper() for f in fields(train_gpt.Hyperparameters)}}
     base["PATH"] = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), base.get("PATH", "")])
+    base["CUDA_VISIBLE_DEVICES"] = "0"
     for bad, name in ((dict(NUM_EXPERTS="-1"), "NUM_EXPERTS"), (dict(NUM_EXPERTS="4", TOP_K="5"), "TOP_K")):
         r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], cwd=tmp_path,
                            env=base | bad | {"CALLS": str(calls)}, capture_output=True, text=True, timeout=120)
@@ -234,6 +235,28 @@ def test_mini_checks_the_settings_before_torchrun(tmp_path, wikiblogs):
     r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], cwd=tmp_path,
                        env=base | {"CALLS": str(calls), "VAL_TOKENS": "4194304"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--nproc_per_node=1" in (calls / "torchrun.args").read_text().split(), r.stderr
+
+
+def test_mini_refuses_to_start_without_a_gpu(tmp_path, wikiblogs):
+    # without one, the full run began on the CPU and died allocating 64 GiB; --check still runs
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    for folder in (stubs, calls):
+        folder.mkdir()
+    (stubs / "torchrun").write_text(RECORDER)
+    (stubs / "nvidia-smi").write_text("#!/usr/bin/env bash\nexit 9\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    names = {f.name.upper() for f in fields(train_gpt.Hyperparameters)} | {"CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in os.environ.items() if k not in names} | {"CALLS": str(calls), "VAL_TOKENS": "4194304"}
+    env["PATH"] = os.pathsep.join([str(stubs), str(Path(sys.executable).parent), env.get("PATH", "")])
+    r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), str(wikiblogs)], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("mini.sh: error: no GPU found") and \
+        len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (calls / "torchrun.args").exists()
+    r = subprocess.run(["bash", str(ROOT / "bench" / "mini.sh"), "--check", str(wikiblogs)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 FIXED = ("TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "TRAIN_FILES", "VAL_FILES")
@@ -295,6 +318,19 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is fo
                  marks=NO_GPU),
     pytest.param("step_profile.py", [], "error: bench/step_profile.py times CUDA events: run it on a GPU",
                  marks=NO_GPU),
+    ("moe_layer.py", ["--tokens", "-5"],
+     "moe_layer.py: error: argument --tokens: '-5' must be a whole number, at least 1"),
+    ("moe_layer.py", ["--configs", "8x2,4x8"], "moe_layer.py: error: argument --configs: '8x2,4x8' must be"),
+    ("moe_layer.py", ["--against", "/nope.py"],
+     "error: --against /nope.py: no such file; give the path of another train_gpt.py"),
+    pytest.param("moe_layer.py", [], "error: bench/moe_layer.py times CUDA events: run it on a GPU", marks=NO_GPU),
+    pytest.param("moe_layer.py", ["--gemms"], "error: bench/moe_layer.py times CUDA events: run it on a GPU",
+                 marks=NO_GPU),
+    ("polar_express.py", ["--lower", "2"], "polar_express.py: error: argument --lower: 2.0 must be above 0 and below 1"),
+    ("polar_express.py", ["--lower", "-1"], "polar_express.py: error: argument --lower: -1.0 must be above 0"),
+    ("polar_express.py", ["--cushion", "5"], "polar_express.py: error: argument --cushion: 5.0 must be at least 0"),
+    ("polar_express.py", ["--steps", "0"], "polar_express.py: error: argument --steps: 0 must be at least 1"),
+    ("polar_express.py", ["--cushion", "0.99999"], "error: Remez on ["),  # too narrow a fit for float64
 ])
 def test_bad_arguments_are_refused_before_the_model_is_built(shards, script, args, message):
     r = bench_py(script, *args, TRAIN_FILES=str(shards / "syn_train_*.bin"))

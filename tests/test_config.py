@@ -113,7 +113,10 @@ def test_cli_misspelling_exits_2_with_one_error_line():
 
 @pytest.mark.parametrize("key,field", [("num_experts", "NUM_EXPERTS"), ("Num_Iterations", "NUM_ITERATIONS"),
                                        ("NUM_ITERS", "NUM_ITERATIONS"), ("LOG_DIRECTORY", "LOG_DIR"),
-                                       ("NUM_EXP", "NUM_EXPERTS")])
+                                       ("NUM_EXP", "NUM_EXPERTS"), ("AUX_LOSS", "AUX_LOSS_COEF"),
+                                       ("EXPERT_LR", "EXPERT_LR_MULT"), ("CAPACITY_FAC", "CAPACITY_FACTOR"),
+                                       ("VAL_EVERY", "VAL_LOSS_EVERY"), ("RESUME_FROM", "RESUME"),
+                                       ("no_attn", "NO_ATTN_LAYERS")])
 def test_lowercase_and_abbreviated_settings_are_refused_with_the_right_name(key, field):
     with pytest.raises(ConfigError) as e:
         load_config({key: "3"})
@@ -121,7 +124,10 @@ def test_lowercase_and_abbreviated_settings_are_refused_with_the_right_name(key,
 
 
 def test_unrelated_variables_that_share_a_word_are_not_flagged():
-    env = dict(LOG_LEVEL="debug", RUN_NAME="x", COMPUTE="1", SAVE_PATH="/tmp", http_proxy="", no_proxy="", S="1")
+    env = dict(LOG_LEVEL="debug", RUN_NAME="x", COMPUTE="1", SAVE_PATH="/tmp", http_proxy="", no_proxy="", S="1",
+               NO_COLOR="1", MODEL_NAME="gpt2", NUM_GPUS="8", TORCH_HOME="/t", NCCL_DEBUG="INFO", PYTHONPATH=".",
+               TRITON_CACHE_DIR="/t", TORCHINDUCTOR_CACHE_DIR="/t", Z="1", EXPERT="1",  # EXPERT: which of four?
+               MODEL="gpt2", LOG="1", RUN="1", PROFILE="dev", WINDOW="1", CAPACITY="1")  # one word: another tool's
     assert load_config(env) == Hyperparameters()
 
 

@@ -192,6 +192,16 @@ def test_download_more_shards_than_published_is_a_clear_error(hub, tmp_path):
     assert sum(server.downloads.values()) == downloads
 
 
+@pytest.mark.parametrize("out", ["/proc/x/fw", "file"])
+def test_download_names_an_out_it_cannot_make(tmp_path, out):
+    # refused before any download, not a FileNotFoundError or FileExistsError traceback
+    (tmp_path / "file").write_text("not a folder")
+    r = subprocess.run([sys.executable, str(DOWNLOAD), "1", "--out", str(tmp_path / out)], cwd=tmp_path,
+                       env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert r.stderr.startswith(f"cached_fineweb10B.py: error: --out {tmp_path / out}: cannot create it"), r.stderr
+
+
 def test_download_edu_variant_lands_beside_the_script_from_any_cwd(hub, tmp_path):
     repo_data = tmp_path / "repo" / "data"
     repo_data.mkdir(parents=True)
@@ -308,7 +318,7 @@ def test_tokenize_val_choice_follows_the_seed(corpus, small_bpe, tmp_path):
 
 @pytest.mark.parametrize("case", ["no text field", "no such input", "no such file", "wrong file type",
                                   "shards already there", "all val", "no bpe dir", "out cannot be made",
-                                  "out is a file"])
+                                  "out is a file", "prefix with a folder"])
 def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, case):
     out = tmp_path / "tokens"
     (tmp_path / "notes.md").write_text("a document", encoding="utf-8")
@@ -323,6 +333,8 @@ def test_tokenize_input_errors_are_named(corpus, small_bpe, tmp_path, capsys, ca
         # /proc takes no new folders: before, this crashed with a traceback after tokenizing everything
         "out cannot be made": ([corpus, "--out", "/proc/x/tokens"], "--out /proc/x/tokens: cannot create or write it"),
         "out is a file": ([corpus, "--out", tmp_path / "notes.md"], "--out {tmp}/notes.md: cannot create or write it"),
+        # this crashed too, after tokenizing: the shards' names held a folder that nothing made
+        "prefix with a folder": ([corpus, "--prefix", "a/b"], "--prefix a/b is not a file name; put folders in --out"),
     }[case]
     if case == "shards already there":
         out.mkdir()

@@ -170,6 +170,29 @@ def test_summary_has_one_row_per_run_with_the_key_figures(capsys):
     assert [modded[c] for c in ("tokens/step", "experts", "gpus", "date")] == ["-", "-", "8", "2024-11-16 01:23"]
 
 
+def test_summary_shows_a_layers_nan_as_nan(tmp_path, capsys):
+    # layer 1 logged NaN at the last validation: min and max skipped it, and the row showed layer 0's 0.312
+    text = (FIXTURES / "moe_e8k2.txt").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("moe step:400 layer:1 "))
+    nan = line.replace("load_max:1.102", "load_max:nan").replace("gate_min:0.4210", "gate_min:nan")
+    (tmp_path / "moe.txt").write_text(text.replace(line, nan))
+    code, md, _ = run_cli(capsys, "summary", "--md", tmp_path)
+    header = md.splitlines()[0]
+    row = dict(zip([c.strip() for c in header.strip("|").split("|")], table_row(md, "6f1c2d9e-moe-e8k2")))
+    assert code == 0 and (row["load max/min"], row["gate min"]) == ("nan/0.40", "nan"), row
+
+
+@pytest.mark.parametrize("command", ["compare", "summary"])
+def test_a_reader_that_leaves_early_is_no_error(command):
+    # logger.py compare logs | head -2 printed a BrokenPipeError traceback; here the reader is gone before any output
+    read, write = os.pipe()
+    os.close(read)
+    r = subprocess.run([sys.executable, str(ROOT / "logger.py"), command, str(FIXTURES)], stdout=write,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
 def test_summary_of_dense_runs_has_no_expert_columns(tmp_path, capsys):
     dense = write_log(tmp_path / "dense.txt", [(0, 0, 10.8), (10, 900, 6.0)], 10)
     moe = write_log(tmp_path / "moe.txt", [(0, 0, 10.8), (10, 900, 5.9)], 10, {"num_experts": 8, "top_k": 1})
@@ -437,6 +460,16 @@ def test_plots_are_valid_pngs(tmp_path, capsys):
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 400 and width > 600
         assert str(path) in out
+
+
+@pytest.mark.parametrize("out_dir", ["/proc/x/plots", "file"])
+def test_plot_names_an_out_dir_it_cannot_make(tmp_path, capsys, out_dir):
+    # a traceback before (FileNotFoundError, or FileExistsError when a file is given as the folder)
+    (tmp_path / "file").write_text("not a folder")
+    out_dir = tmp_path / out_dir
+    code, out, err = run_cli(capsys, "plot", "--out-dir", out_dir, FIXTURES)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"logger.py: error: --out-dir {out_dir}: cannot create it"), err
 
 
 def test_points_beyond_the_view_are_marked_and_steps_are_whole(tmp_path):

@@ -116,6 +116,17 @@ def test_no_gpu_defaults_to_the_tiny_configuration(recorder, tmp_path, shared_sh
     assert {k: v for k, v in env.items() if k in names} == {k: v for k, v in expected.items() if k in names}
 
 
+def test_no_gpu_keeps_a_setting_given_empty(recorder, tmp_path, shared_shards):
+    # NO_ATTN_LAYERS= (no layer without attention) became the tiny default 2 again
+    no_gpu(recorder)
+    given = dict(TRAIN_FILES=str(shared_shards / "syn_train_*.bin"), VAL_FILES=str(shared_shards / "syn_val_*.bin"),
+                 NO_ATTN_LAYERS="", LONG_WINDOW_LAYERS="", CALLS=recorder["env"]["CALLS"])
+    r = launch(given, tmp_path, stubs=recorder["stubs"])
+    assert r.returncode == 0, r.stderr
+    env = recorded_env(recorder)
+    assert env["NO_ATTN_LAYERS"] == env["LONG_WINDOW_LAYERS"] == "" and env["NUM_LAYERS"] == "4"
+
+
 def test_settings_reach_the_trainer_and_launcher_variables_do_not(recorder, tmp_path):
     settings = dict(NUM_EXPERTS="8", TOP_K="2", NPROC="2", NNODES="1", RDZV_ID="x", FETCH_SHARDS="3")
     r = launch(recorder["env"] | settings, tmp_path, stubs=recorder["stubs"])
@@ -231,11 +242,29 @@ def test_no_gpu_makes_the_tiny_shards_from_the_records(bare_repo, recorder, tmp_
                stubs=recorder["stubs"])
     assert r.returncode == 0, r.stderr
     repo = bare_repo["repo"]
-    assert (recorder["calls"] / "tokenize.args").read_text() == \
-        f"{repo}/records --prefix tiny --val-docs 1 --out {repo}/data/tokens --bpe-dir /gpt2"
+    assert (recorder["calls"] / "tokenize.args").read_text().startswith(
+        f"{repo}/records --prefix tiny --val-docs 1 --out {repo}/data/tokens --bpe-dir /gpt2 --bpe-hint ")
     env = recorded_env(recorder)
     assert (env["TRAIN_FILES"], env["VAL_FILES"]) == ("data/tokens/tiny_train_*.bin", "data/tokens/tiny_val_*.bin")
     assert "BPE_DIR" not in env
+
+
+def test_no_gpu_offline_without_bpe_dir_names_bpe_dir(recorder, tmp_path):
+    # the tokenizer's own hint, "pass --bpe-dir", is no use to a run.sh user, who cannot pass arguments
+    no_gpu(recorder)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "records").mkdir()
+    (repo / "records" / "log.txt").write_text("a log")
+    for name in ("run.sh", "train_gpt.py", "data/tokenize_text.py", "data/shards.py"):
+        shutil.copy(ROOT / name, repo / name)
+    offline = dict(HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="",
+                   TIKTOKEN_CACHE_DIR=str(tmp_path / "no_cache"), DATA_GYM_CACHE_DIR=str(tmp_path / "no_cache"))
+    env = {k: v for k, v in recorder["env"].items() if k not in ("TRAIN_FILES", "VAL_FILES")}
+    r = launch(env | offline, tmp_path, script=repo / "run.sh", stubs=recorder["stubs"])
+    assert r.returncode == 1 and not (recorder["calls"] / "torchrun.args").exists(), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("tokenize_text.py: error: could not fetch"), r.stderr
+    assert "BPE_DIR=DIR ./run.sh" in r.stderr and "--bpe-dir" not in r.stderr, r.stderr
 
 
 # -----------------------------------------------------------------------------

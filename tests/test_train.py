@@ -381,6 +381,20 @@ def test_a_second_run_of_one_run_id_does_not_overwrite_its_checkpoints(full_run,
     train_gpt.main(tiny_env(data, tmp_path, RUN_ID="full", CHECKPOINT_DIR=out / "ckpt"), check_only=True)
 
 
+def test_resume_of_a_file_that_is_no_checkpoint_says_so_without_torchs_advice(monkeypatch):
+    # RESUME=README.md quoted torch.load's "Re-running torch.load with weights_only set to False will likely succeed"
+    args = train_gpt.Hyperparameters(resume=str(ROOT / "README.md"))
+    with pytest.raises(train_gpt.ConfigError) as e:
+        train_gpt.load_checkpoint(args, 1)
+    assert "is not a checkpoint file of train_gpt.py" in str(e.value) and "weights_only" not in str(e.value)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(torch, "load", unreadable)  # an unreadable file keeps its reason
+    with pytest.raises(train_gpt.ConfigError, match=r"README.md cannot be read \(Permission denied\)"):
+        train_gpt.load_checkpoint(args, 1)
+
+
 def test_a_refused_resume_leaves_no_log(full_run):
     out = full_run["out"]
     env = tiny_env(full_run["data"], out, RUN_ID="refused", VAL_TOKENS=512, MLP_HIDDEN=256,
