@@ -1871,10 +1871,11 @@ def check_settings(ckpt: dict, args: Hyperparameters, world_size: int):
             "no_attn_layers", "num_experts", "top_k", "expert_hidden", "expert_act", "shared_experts", "router",
             "moe_layers", "matrix_optimizer")
     default = {f.name: f.default for f in fields(Hyperparameters)}  # a key older checkpoints lack had its default
-    changed = [f for f in arch if ckpt["args"].get(f, default[f]) != getattr(args, f)]
+    was = {f: ckpt["args"].get(f, default[f]) for f in arch}
+    changed = [f for f in arch if was[f] != getattr(args, f)]
     if changed:
         raise ConfigError(f"RESUME={args.resume} was trained with a different {changed[0].upper()}="
-                          f"{ckpt['args'][changed[0]]}; use the checkpoint's settings")
+                          f"{was[changed[0]]}; use the checkpoint's settings")
 
 def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module, world_size: int):
     # the settings, then the shapes (which also catch a width that a default resolved differently when the
@@ -1886,8 +1887,8 @@ def check_checkpoint(ckpt: dict, args: Hyperparameters, model: nn.Module, world_
         raise ConfigError(f"RESUME={args.resume} " + (f"lacks this model's {missing[0]}" if missing else
                           f"holds {unexpected[0]}, which this model lacks") + "; resume with the settings in its run's "
                           f"log (the layers, value embeddings and experts it was trained with)")
-    for name, saved in ckpt["model"].items():
-        if name in own and saved.shape != own[name].shape:
+    for name, saved in ckpt["model"].items():  # the same names, checked above
+        if saved.shape != own[name].shape:
             raise ConfigError(f"RESUME={args.resume} holds {name} of shape {tuple(saved.shape)} but this model's is "
                               f"{tuple(own[name].shape)}; set the width it was trained with (EXPERT_HIDDEN, MLP_HIDDEN)")
 

@@ -378,6 +378,9 @@ def test_resume_refuses_a_checkpoint_of_another_architecture():
     with pytest.raises(tg.ConfigError, match="RESUME=old.pt was trained with a different TOP_K=1"):
         tg.check_checkpoint(dict(args=dataclasses.asdict(dataclasses.replace(args, top_k=1)), model=model.state_dict(),
                                  world_size=1), args, model, 1)
+    older = {k: v for k, v in dataclasses.asdict(args).items() if k != "num_value_embeds"}  # before it was saved
+    with pytest.raises(tg.ConfigError, match="RESUME=old.pt was trained with a different NUM_VALUE_EMBEDS=3"):
+        tg.check_checkpoint(dict(args=older, model=model.state_dict(), world_size=1), args, model, 1)  # was KeyError
     fewer = {k: v for k, v in model.state_dict().items() if "value_embeds" not in k}  # same settings, other keys
     with pytest.raises(tg.ConfigError, match=r"RESUME=old.pt lacks this model's value_embeds\.0\.weight; resume with"):
         tg.check_checkpoint(dict(args=dataclasses.asdict(args), model=fewer, world_size=1), args, model, 1)
