@@ -391,15 +391,19 @@ def runs_cell(runs: list[Run]) -> str:
 def ignored_keys(ignore: str, split: str, runs: list[Run]) -> set[str]:
     # the config keys that do not split groups: RUN_KEYS and --ignore's, less --split's (comma-separated lists).
     # A key no run's config has is refused: a misspelt --split seemed to split and did nothing
-    keys = lambda text: {key.strip() for key in text.split(",") if key.strip()}
     known = set().union(*((run.config or {}).keys() for run in runs))
     for flag, text in (("--ignore", ignore), ("--split", split)):
-        unknown = sorted(keys(text) - known)
+        unknown = sorted(key_list(text) - known)
         if unknown and known:
             close = difflib.get_close_matches(unknown[0].lower(), sorted(known), n=1)
             raise LogError(f"{flag} {unknown[0]} is not a config key of these runs"
                            + (f"; did you mean {close[0]}?" if close else "; the keys are those of a log's config line"))
-    return (keys(RUN_KEYS) | keys(ignore)) - keys(split)
+    return (key_list(RUN_KEYS) | key_list(ignore)) - key_list(split)
+
+
+def key_list(text: str) -> set[str]:
+    # the keys of a comma-separated list (--ignore, --split, RUN_KEYS)
+    return {key.strip() for key in text.split(",") if key.strip()}
 
 
 def group_runs(runs: list[Run], by: str, pattern: str | None, ignore: set[str]) -> dict[str, list[Run]]:
@@ -933,8 +937,7 @@ def main(argv: list[str] | None = None) -> int:
                 reference = [run for run in runs if not run.has_experts]
                 candidates = [run for run in runs if run.has_experts]
             ignore = ignored_keys(args.ignore, args.split, runs + reference)
-            split = {key.strip() for key in args.split.split(",") if key.strip()}
-            print(fewest_report(reference, candidates, ignore, args.md, split))
+            print(fewest_report(reference, candidates, ignore, args.md, key_list(args.split)))
         else:
             for path in plot_runs(runs, args.out_dir, args.target):
                 print(f"wrote {path}")

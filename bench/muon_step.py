@@ -157,20 +157,19 @@ def main():
     model = tg.GPT(args).to(device)
     if device.type == "cpu":
         args = dataclasses.replace(args, compile=False)
-    optimizers = {}
-    for variant in variants:
-        method, kernel = variant.split("/")
-        varied = dataclasses.replace(args, ns_method=method, ns_kernel=kernel)
-        optimizers[variant], = [o for o in tg.build_optimizers(model, varied, 0, 1, device) if isinstance(o, tg.Muon)]
-    for variant in variants if opts.autotune else []:
-        method, kernel = variant.split("/")
+    def muon(method: str, kernel: str) -> tg.Muon:
         varied = dataclasses.replace(args, ns_method=method, ns_kernel=kernel)
         opt, = [o for o in tg.build_optimizers(model, varied, 0, 1, device) if isinstance(o, tg.Muon)]
+        return opt
+
+    optimizers = {variant: muon(*variant.split("/")) for variant in variants}
+    for variant in variants if opts.autotune else []:
+        method, kernel = variant.split("/")
+        opt = optimizers[f"{variant}+autotune"] = muon(method, kernel)
 
         def autotuned(G, steps, method=method, kernel=kernel):  # a frame of its own: its own compiled graphs
             return tg.orthogonalize(G, steps, method, kernel)
         opt.orthogonalize = torch.compile(autotuned, dynamic=False, mode="max-autotune-no-cudagraphs")
-        optimizers[f"{variant}+autotune"] = opt
     first = optimizers[variants[0]]
     params = [p for group in first.param_groups for p in group["params"]]
     shapes = shape_counts(first)
