@@ -1,8 +1,13 @@
 # Where a training step's time goes: median forward+backward and optimizer times of the compiled model on real
-# tokens (settings from the environment, as train_gpt.py reads them), Muon's share of the step, and the top GPU
-# kernels of a few profiled steps. Usage: TRAIN_FILES=... NUM_EXPERTS=8 python bench/step_profile.py [--steps 30]
+# tokens (settings from the environment, as train_gpt.py reads them), Muon's share of the step, the GPU kernel time
+# of a few profiled steps by kind (GEMM, attention, gathers and scatters, ...) and the top kernels. --save writes the
+# kinds to a JSON file, --against prints another run's beside them with the difference: run it for dense and for the
+# MoE, and the difference is where the MoE's extra time goes.
+# Usage: TRAIN_FILES=... NUM_EXPERTS=8 python bench/step_profile.py [--steps 30] [--save F.json] [--against G.json]
 import argparse
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,6 +17,79 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg
 
+# a kernel's kind from its name, first match wins. Inductor's fused kernels (triton_poi/per/red_fused_<ops>) name the
+# ops they fuse: one whose ops index, gather or scatter holds the MoE's permutations (and whatever fused with them);
+# its templates (triton_tem) are GEMMs unless FlexAttention's. train_gpt.py's own Triton kernels are named by their
+# function, found in its source
+OWN_KERNELS = frozenset(re.findall(r"^\s*def (\w+_kernel)\(", Path(tg.__file__).read_text(), re.M))
+GEMM_WORDS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce", "wgmma")
+KINDS = ("GEMM", "attention", "gather/scatter", "elementwise/reduction", "train_gpt.py Triton", "sort", "NCCL",
+         "copy/memset", "other")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    fused = re.match(r"triton_(poi|per|red|tem)_fused_?(.*)", low)
+    if "nccl" in low:
+        return "NCCL"
+    if "flex_attention" in low or "flash" in low:
+        return "attention"
+    if name in OWN_KERNELS:
+        return "train_gpt.py Triton"
+    if fused:
+        if fused[1] == "tem":
+            return "GEMM"
+        return "gather/scatter" if re.search(r"index|gather|scatter", fused[2]) else "elementwise/reduction"
+    if any(w in low for w in GEMM_WORDS):
+        return "GEMM"
+    if "sort" in low or "radix" in low:
+        return "sort"
+    if "memcpy" in low or "memset" in low:
+        return "copy/memset"
+    return "gather/scatter" if re.search(r"index|gather|scatter", low) else "other"
+
+
+def kinds_per_step(rows, steps: int) -> dict[str, float]:
+    # rows: (kernel name, GPU microseconds over `steps` steps) -> ms per step of each kind in KINDS, and "total"
+    out = dict.fromkeys(KINDS, 0.0)
+    for name, us in rows:
+        out[kernel_kind(name)] += us / 1000 / steps
+    out["total"] = sum(out.values())
+    return out
+
+
+def kind_table(this: dict, against: dict | None = None) -> list[str]:
+    # this/against: {"name", "forward+backward" and "optimizers" (kinds_per_step dicts), "timed" (their median ms by
+    # CUDA events)} -> the table's lines, with the step's difference this - against per kind where `against` is given
+    parts = ("forward+backward", "optimizers")
+    runs = [this] + ([against] if against else [])
+    head = [f"{run['name']} {p}" for run in runs for p in parts] + (["step difference"] if against else [])
+    widths = [max(12, len(h) + 2) for h in head]
+
+    def line(label: str, values: list[list[float]]) -> str:  # values[run][part]
+        cells = [v for run in values for v in run] + ([sum(values[0]) - sum(values[1])] if against else [])
+        return f"{label:<24}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths))
+
+    lines = [f"{'kernel kind (ms per step)':<24}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
+    lines += [line(kind, [[run[p][kind] for p in parts] for run in runs]) for kind in (*KINDS, "total")]
+    # the parts' median times by CUDA events: above the kernel total by the gaps between kernels
+    lines.append(line("timed (CUDA events)", [[run["timed"][p] for p in parts] for run in runs]))
+    return lines
+
+
+def load_kinds(path: str) -> dict:
+    # a --save file of another run; ValueError names what is wrong with it
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--against {path}: {e}; give a file written by bench/step_profile.py --save") from None
+    parts = ("forward+backward", "optimizers")
+    wanted = {p: set(KINDS) for p in parts} | {"timed": set(parts)}
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) and keys <= set(saved[k])
+                                              for k, keys in wanted.items()):
+        raise ValueError(f"--against {path}: not a bench/step_profile.py --save file (its kernel kinds are missing)")
+    return saved
+
 
 def main():
     ap = argparse.ArgumentParser(description="Where a training step's time goes on the GPU: forward+backward, "
@@ -19,11 +97,19 @@ def main():
                                  "train_gpt.py reads them)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kernels", type=int, default=25, help="rows of the kernel table (0 = no profile)")
+    ap.add_argument("--name", help="this run's name in the kind table (default: dense, or e.g. E32top4+1)")
+    ap.add_argument("--save", help="write the kernel time by kind to this JSON file, for a later --against")
+    ap.add_argument("--against", help="a --save file of another run (e.g. dense) to print beside this one")
     opts = ap.parse_args()
     try:
         args = tg.load_config(dict(os.environ))
         train_files = tg.find_shards(args.train_files, "TRAIN_FILES")
-    except (tg.ConfigError, tg.DataError) as e:
+        against = load_kinds(opts.against) if opts.against else None
+        if (opts.save or opts.against) and opts.kernels <= 0:
+            raise ValueError("--save and --against compare kernel profiles: leave --kernels above 0")
+        if opts.save and not Path(opts.save).resolve().parent.is_dir():
+            raise ValueError(f"--save {opts.save}: its folder does not exist; make it or give another path")
+    except (tg.ConfigError, tg.DataError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
     if not torch.cuda.is_available():
         ap.exit(2, "error: bench/step_profile.py times CUDA events: run it on a GPU\n")
@@ -89,12 +175,35 @@ def main():
     print(f"step (sum of medians): {step:.2f} ms")
     print(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB")
     if opts.kernels:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                fwd_bwd()
-                opt_step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=opts.kernels, max_name_column_width=90))
+        def profiled(fn, steps: int = 3):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+            rows = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
+            return kinds_per_step(rows, steps), prof
+
+        def fwd_bwd_alone():
+            fwd_bwd()
+            model.zero_grad(set_to_none=True)
+
+        fb, fb_prof = profiled(fwd_bwd_alone)
+        fwd_bwd()
+        # the optimizers alone: three steps on the same gradients launch what three training steps would
+        opt, opt_prof = profiled(lambda: [o.step() for o in optimizers])
+        name = opts.name or "dense"
+        if args.num_experts and not opts.name:
+            name = f"E{args.num_experts}top{args.top_k}" + (f"+{args.shared_experts}" if args.shared_experts else "")
+        this = {"name": name, "forward+backward": fb, "optimizers": opt,
+                "timed": {"forward+backward": med["forward+backward"], "optimizers": med["optimizers"]}}
+        print("GPU kernel time by kind (3 profiled steps each; kinds: bench/step_profile.py's kernel_kind):")
+        print("\n".join(kind_table(this, against)))
+        if opts.save:
+            Path(opts.save).write_text(json.dumps(this, indent=1))
+        for part, prof in (("forward+backward", fb_prof), ("optimizers", opt_prof)):
+            print(f"top kernels of 3 steps' {part}:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=opts.kernels,
+                                            max_name_column_width=90))
 
 
 if __name__ == "__main__":

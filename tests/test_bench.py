@@ -13,6 +13,9 @@ import train_gpt
 from conftest import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import step_profile  # noqa: E402  (bench/ is no package)
+
 FEWEST = ROOT / "bench" / "fewest_steps.sh"
 MULTI = ROOT / "bench" / "multi.sh"
 SETTINGS = ("NUM_EXPERTS", "TOP_K", "SHARED_EXPERTS", "NUM_ITERATIONS", "SEED", "RUN_ID", "LOG_DIR",
@@ -345,3 +348,72 @@ def test_bad_arguments_are_refused_before_the_model_is_built(shards, script, arg
 def test_python_bench_scripts_describe_themselves(script, needles):
     r = bench_py(script, "--help")
     assert r.returncode == 0 and all(n in " ".join(r.stdout.split()) for n in needles), r.stdout
+
+
+# kernel names as the PyTorch profiler printed them on H100s and H200s (bench/results), and the kind each belongs to
+PROFILED_KERNELS = [
+    ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel1", "GEMM"),
+    ("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN", "GEMM"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloa...", "GEMM"),
+    ("triton_tem_fused_mm_0", "GEMM"),  # a max-autotune GEMM template
+    ("triton_tem_fused_flex_attention_backward_transpose_view_15", "attention"),
+    ("triton_per_fused_flex_attention_backward_transpose_view_6", "attention"),
+    ("triton_poi_fused_floor_divide_index_13", "gather/scatter"),  # the MoE's x[order // k]
+    ("triton_poi_fused_index_sum_view_16", "gather/scatter"),  # the combine
+    ("void at::native::_scatter_gather_elementwise_kernel<128, 8, at::native::_cuda_scatter_g...", "gather/scatter"),
+    ("triton_poi_fused_mul_pow_relu_threshold_backward_1", "elementwise/reduction"),
+    ("triton_poi_fused__scaled_mm__to_copy_clone_div_mul_permute_0", "elementwise/reduction"),  # FP8 casts
+    ("gram_kernel", "train_gpt.py Triton"),
+    ("weight_grad_kernel", "train_gpt.py Triton"),
+    ("void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<at_cuda_det...", "sort"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "NCCL"),
+    ("Memcpy DtoD (Device -> Device)", "copy/memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >",
+     "other"),
+]
+
+
+@pytest.mark.parametrize("name,kind", PROFILED_KERNELS)
+def test_step_profile_sorts_kernels_by_kind(name, kind):
+    assert step_profile.kernel_kind(name) == kind
+
+
+def test_step_profile_knows_every_triton_kernel_of_train_gpt():
+    jitted = {name for name in step_profile.OWN_KERNELS if hasattr(train_gpt, name)} if train_gpt.triton else set()
+    assert {"gram_kernel", "gather_rows_kernel", "scatter_rows_kernel", "weight_grad_kernel"} <= step_profile.OWN_KERNELS
+    assert not train_gpt.triton or jitted == step_profile.OWN_KERNELS
+
+
+def test_step_profile_kind_table_sums_per_step_and_differences():
+    rows = [(name, 3000.0 * (i + 1)) for i, (name, _) in enumerate(PROFILED_KERNELS)]  # microseconds over 3 steps
+    moe = step_profile.kinds_per_step(rows, 3)
+    want = {kind: sum(i + 1 for i, (_, k) in enumerate(PROFILED_KERNELS) if k == kind) for kind in step_profile.KINDS}
+    assert {k: round(v, 9) for k, v in moe.items() if k != "total"} == want
+    assert moe["total"] == pytest.approx(sum(range(1, len(PROFILED_KERNELS) + 1)))
+    dense = step_profile.kinds_per_step([("nvjet_sm90_x", 1500.0)], 3)
+    this = {"name": "E32top4+1", "forward+backward": moe, "optimizers": dense,
+            "timed": {"forward+backward": 200.0, "optimizers": 1.25}}
+    base = {"name": "dense", "forward+backward": dense, "optimizers": dense,
+            "timed": {"forward+backward": 10.0, "optimizers": 0.75}}
+    lines = step_profile.kind_table(this, base)
+    assert lines[0].split() == ["kernel", "kind", "(ms", "per", "step)", "E32top4+1", "forward+backward", "E32top4+1",
+                                "optimizers", "dense", "forward+backward", "dense", "optimizers", "step", "difference"]
+    gemm = lines[1 + step_profile.KINDS.index("GEMM")].split()
+    assert gemm[0] == "GEMM" and [float(c) for c in gemm[1:]] == [want["GEMM"], 0.5, 0.5, 0.5, want["GEMM"] - 0.5]
+    timed = lines[-1].split()
+    assert timed[:3] == ["timed", "(CUDA", "events)"] and [float(c) for c in timed[3:]] == [200, 1.25, 10, 0.75, 190.5]
+    assert len(step_profile.kind_table(this)[1].split()) == 3  # alone: no columns of another run
+
+
+def test_step_profile_against_refuses_what_save_did_not_write(tmp_path, shards):
+    for text, message in [("{not json", "Expecting property name"), ('{"forward+backward": {}}', "not a bench/")]:
+        (tmp_path / "f.json").write_text(text)
+        r = bench_py("step_profile.py", "--against", str(tmp_path / "f.json"),
+                     TRAIN_FILES=str(shards / "syn_train_*.bin"))
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: --against {tmp_path / 'f.json'}") and message in r.stderr, r.stderr
+    r = bench_py("step_profile.py", "--save", str(tmp_path / "no" / "f.json"), TRAIN_FILES=str(shards / "syn_train_*.bin"))
+    assert r.returncode == 2 and "error: --save" in r.stderr and "folder does not exist" in r.stderr, r.stderr
+    r = bench_py("step_profile.py", "--save", str(tmp_path / "f.json"), "--kernels", "0",
+                 TRAIN_FILES=str(shards / "syn_train_*.bin"))
+    assert r.returncode == 2 and "leave --kernels above 0" in r.stderr, r.stderr
