@@ -664,16 +664,17 @@ class GradientReducer:
     # streams of equal length (shard_owners levels them) make every segment equal: no padding. On the last micro-step
     # each bucket's gradients are cast to `dtype`, packed rank by rank and reduce_scattered, asynchronously, as soon
     # as its last gradient is accumulated (post-accumulate-grad hooks; buckets go out in order, the same on every
-    # rank). Rank r receives its stream whole, one bucket after the other, so reduced(p) is a view. The optimizers
-    # write their results into result(p) (`dtype`, the same positions) and call done(params, alpha); a bucket whose
-    # parameters are all done is all_gathered at once (every rank calls done alike, so the order is the same on every
-    # rank: the buckets of Adam alone go under Muon's Newton-Schulz), and apply() waits for them and
-    # gives each parameter its pieces: p += alpha * piece, or p = piece where alpha is None. So the gather sends what
-    # the reduce-scatter receives. Where autograd finishes gradients one layer at a time (eager) the buckets
-    # run under the rest of the backward; the compiled model's backward is one graph whose gradients are all final at
-    # its end, so there they go out back to back after it (DDP's graph splitter, which would cut it, left
-    # FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes). The idea is PyTorch DDP's buckets
-    # (Li et al. 2020) with ZeRO's partitions (Rajbhandari et al. 2020).
+    # rank). Rank r receives its stream whole, one bucket after the other, so reduced(p) is a view; it waits only for
+    # the buckets holding p. The optimizers write their results into result(p) (`dtype`, the same positions) and call
+    # done(params, alpha); a bucket whose parameters are all done is all_gathered at once (every rank calls done
+    # alike, so the order is the same on every rank), and apply() waits for them and gives each parameter its pieces:
+    # p += alpha * piece, or p = piece where alpha is None. So the gather sends what the reduce-scatter receives.
+    # The compiled model's backward is one graph whose gradients are all final at its end (DDP's graph splitter,
+    # which would cut it, left FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes), so the
+    # buckets go out back to back after it; the trainer lays them out in the order the optimizers read them
+    # (optimizer_order), so Adam steps once its buckets are in and each Muon group once its own are, while the later
+    # buckets are still reduced. The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
+    # (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
         self.ranges = ranges
@@ -688,18 +689,19 @@ class GradientReducer:
         self.outputs = list(self.received.split(self.widths))
         self.sends = list(self.results.split(self.widths))
         self.inputs = [self.received.new_zeros(world_size * w) for w in self.widths]
-        # the gather lands in the reduce-scatter's input, free by then: finish() has waited on every reduce-scatter,
+        # the gather lands in the reduce-scatter's input, free by then: gather(b) waits for bucket b's reduce-scatter,
         # and apply() has consumed the gathered pieces before the next step's launch() packs new gradients there.
         # One buffer of all parameters in `dtype` fewer per GPU (E32 top-4 + 1 shared: 581M, 1.08 GiB in bf16)
         self.gathered = self.inputs
         # per bucket: (param, its flat range, the piece of the bucket's input, of what is gathered, of the param)
         self.packs = [[] for _ in self.widths]
-        self.views, members = {}, [{} for _ in self.widths]
+        self.views, self.holding, members = {}, {}, [{} for _ in self.widths]
         for r, stream in enumerate(streams):
             t = 0  # position in rank r's stream
             for p, s, e in stream:
                 if r == rank:
                     self.views[id(p)] = (t, t + e - s)
+                    self.holding[id(p)] = range(t // step, (t + e - s - 1) // step + 1)  # buckets of its view
                 while s < e:  # a range split where buckets meet
                     b = t // step
                     k = min(e - s, (b + 1) * step - t)
@@ -710,7 +712,7 @@ class GradientReducer:
                     s, t = s + k, t + k
         self.members = [list(m.values()) for m in members]
         self.buckets_of = {id(p): [b for b, m in enumerate(members) if id(p) in m] for p in params}
-        self.armed, self.handles, self.waiting = False, [], []
+        self.armed, self.handles, self.waiting, self.arrived = False, [], [], []
         self.gathers, self.undone, self.alpha = {}, [], {}  # gathers: bucket -> its all_gather's handle
         for p in params:
             p.register_post_accumulate_grad_hook(self.accumulated)
@@ -732,14 +734,21 @@ class GradientReducer:
         self.handles.append(dist.reduce_scatter_tensor(self.outputs[b], self.inputs[b], async_op=True))
 
     def finish(self):
-        # after the last backward: send what no hook sent, then wait for every bucket
+        # after the last backward: send what no hook sent; reduced() waits for each bucket when it is read
         while len(self.handles) < len(self.widths):
             self.launch(len(self.handles))
-        for handle in self.handles:
-            handle.wait()
-        self.armed, self.handles, self.gathers, self.undone = False, [], {}, [len(m) for m in self.members]
+        self.armed, self.gathers, self.undone = False, {}, [len(m) for m in self.members]
+        self.arrived = [False] * len(self.widths)
+
+    def wait_reduced(self, b: int):
+        # on a GPU the wait holds back the current stream, not the host
+        if not self.arrived[b]:
+            self.handles[b].wait()
+            self.arrived[b] = True
 
     def reduced(self, p: Tensor) -> Tensor:
+        for b in self.holding[id(p)]:
+            self.wait_reduced(b)
         return self.received[slice(*self.views[id(p)])]
 
     def result(self, p: Tensor) -> Tensor:
@@ -756,6 +765,7 @@ class GradientReducer:
                 self.gather(b)
 
     def gather(self, b: int):
+        self.wait_reduced(b)  # the gather overwrites the reduce-scatter's input (gloo may run the two at once)
         self.gathers[b] = dist.all_gather_into_tensor(self.gathered[b], self.sends[b], async_op=True)
 
     @torch.no_grad()
@@ -775,6 +785,7 @@ class GradientReducer:
             torch._foreach_copy_(*copies)
         for alpha, (dst, src) in adds.items():
             torch._foreach_add_(dst, src, alpha=alpha)
+        self.handles = []  # the next finish() launches every bucket that no hook launched
 
 # -----------------------------------------------------------------------------
 # Model components
@@ -1731,6 +1742,12 @@ def gradient_order(model: GPT) -> list[Tensor]:
     seen = {id(p) for p in first}
     return first + [p for p in reversed(list(model.parameters())) if id(p) not in seen]
 
+def optimizer_order(optimizers: list) -> list[Tensor]:
+    # every parameter once, in the order the optimizers read their summed gradients (ShardedAdamW's, then Muon's
+    # groups): GradientReducer's buckets in this order let each optimizer start on the first buckets in
+    return [p for opt in optimizers for p in (opt.params if isinstance(opt, ShardedAdamW)
+                                               else [q for group in opt.param_groups for q in group["params"]])]
+
 def count_params(model: GPT) -> dict:
     total = sum(p.numel() for p in model.parameters())
     idle = sum((m.E - m.k) / m.E * (m.w1.numel() + m.w2.numel()) for m in model.modules() if isinstance(m, MoE))
@@ -2040,8 +2057,8 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     reducer = None
     if world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES:
         ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
-        reducer = GradientReducer(gradient_order(model), ranges, rank, world_size, GRAD_REDUCE_DTYPES[args.grad_reduce],
-                                  args.bucket_mb << 20)
+        reducer = GradientReducer(optimizer_order(optimizers), ranges, rank, world_size,
+                                  GRAD_REDUCE_DTYPES[args.grad_reduce], args.bucket_mb << 20)
     compiled = args.compile and device.type == "cuda"
     if device.type == "cuda" and not compiled:
         attention_kernel = torch.compile(flex_attention, dynamic=False)

@@ -31,7 +31,7 @@ def comm_bytes(args: tg.Hyperparameters, world_size: int, device_type: str = "cu
     optimizers = tg.build_optimizers(model, args, 0, n, torch.device("meta"))
     ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
     dtype = tg.GRAD_REDUCE_DTYPES[args.grad_reduce]
-    reducer = tg.GradientReducer(tg.gradient_order(model), ranges, 0, n, dtype, args.bucket_mb << 20)
+    reducer = tg.GradientReducer(tg.optimizer_order(optimizers), ranges, 0, n, dtype, args.bucket_mb << 20)
     _, *muon = tg.build_optimizers(model, dataclasses.replace(args, grad_reduce="all_reduce"), 0, n,
                                    torch.device("meta"))
     params = list(model.parameters())

@@ -205,6 +205,62 @@ def test_buckets_go_out_during_the_backward(tmp_path):
     assert [b for kind, b in events if kind == "launch"] == sorted(b for kind, b in events if kind == "launch")
 
 
+class FakeWork:
+    # an async collective's handle that records its wait
+    def __init__(self, events: list, kind: str, b: int):
+        self.events, self.kind, self.b = events, kind, b
+
+    def wait(self):
+        self.events.append(("wait " + self.kind, self.b))
+
+
+@pytest.mark.parametrize("bucket_mb", [1, 4])
+def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkeypatch, bucket_mb):
+    # rank 0 of 2 with the collectives faked (they record when they are issued and waited): the compiled backward
+    # finishes every gradient at once, so finish() sends all buckets; then the optimizers must wait for them one by
+    # one, in order, as they read them (the buckets laid out in optimizer_order), not all before the first step
+    args = dataclasses.replace(tiny_gpt_args(), grad_reduce="reduce_scatter", bucket_mb=bucket_mb)
+    torch.manual_seed(0)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 2, torch.device("cpu"))
+    ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
+    order = tg.optimizer_order(optimizers)
+    assert sorted(map(id, order)) == sorted(id(p) for p in model.parameters())  # every parameter once
+    reducer = tg.GradientReducer(order, ranges, 0, 2, torch.bfloat16, bucket_mb << 20)
+    events, buckets = [], {}
+    buckets.update({id(out): b for b, out in enumerate(reducer.outputs)})
+    buckets.update({id(g): b for b, g in enumerate(reducer.gathered)})
+
+    def reduce_scatter(out, inp, async_op):
+        out.copy_(inp[:out.numel()])
+        events.append(("reduce_scatter", buckets[id(out)]))
+        return FakeWork(events, "reduce_scatter", buckets[id(out)])
+
+    def all_gather(out, inp, async_op):
+        out.view(2, -1)[0].copy_(inp)
+        events.append(("all_gather", buckets[id(out)]))
+        return FakeWork(events, "all_gather", buckets[id(out)])
+
+    monkeypatch.setattr(tg.dist, "reduce_scatter_tensor", reduce_scatter)
+    monkeypatch.setattr(tg.dist, "all_gather_into_tensor", all_gather)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    reducer.finish()
+    count = len(reducer.widths)
+    assert count >= 3 and events == [("reduce_scatter", b) for b in range(count)]  # all sent, none waited for
+    for opt in optimizers:
+        opt.step(reducer)
+    reducer.apply()
+    waits = [b for kind, b in events if kind == "wait reduce_scatter"]
+    assert waits == list(range(count)), waits  # read in order: each optimizer waits only for what it reads
+    for b in range(count):  # the gather overwrites the reduce-scatter's input: never before that has arrived
+        assert events.index(("wait reduce_scatter", b)) < events.index(("all_gather", b))
+    # Adam's results go back while Muon still waits for its gradients (with 4 MiB buckets the tiny model's last
+    # bucket holds Adam's last elements and all of Muon's: nothing can go back before it)
+    first_gather = next(i for i, (kind, _) in enumerate(events) if kind == "all_gather")
+    assert (first_gather < events.index(("wait reduce_scatter", count - 1))) == (bucket_mb == 1)
+
+
 # -----------------------------------------------------------------------------
 # ShardedAdamW on 2 and 3 gloo processes: fp32 and bf16 parameters (the GPU's embeddings are bf16, the CPU's fp32)
 
