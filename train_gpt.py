@@ -673,7 +673,8 @@ class GradientReducer:
     # which would cut it, left FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes), so the
     # buckets go out back to back after it; the trainer lays them out in the order the optimizers read them
     # (optimizer_order), so Adam steps once its buckets are in and each Muon group once its own are, while the later
-    # buckets are still reduced. The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
+    # buckets are still reduced (eager, where gradients are final layer by layer, gradient_order would send them
+    # sooner, under the backward; the speedrun compiles). The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
     # (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
