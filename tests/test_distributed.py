@@ -261,6 +261,31 @@ def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkey
     assert (first_gather < events.index(("wait reduce_scatter", count - 1))) == (bucket_mb == 1)
 
 
+
+def test_a_bucket_is_gathered_only_after_its_reduce_scatter_arrived_even_unread(monkeypatch):
+    # a rank that reads nothing of a bucket (its stream ends before it, or it owns none of the bucket's parameters)
+    # never waits in reduced(): gather() must wait itself, as the all_gather lands in the reduce-scatter's input
+    args = dataclasses.replace(tiny_gpt_args(), grad_reduce="reduce_scatter", bucket_mb=1)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 2, torch.device("cpu"))
+    ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
+    order = tg.optimizer_order(optimizers)
+    reducer = tg.GradientReducer(order, ranges, 0, 2, torch.bfloat16, 1 << 20)
+    events = []
+    buckets = {id(t): b for b, t in enumerate(reducer.inputs)}
+    monkeypatch.setattr(tg.dist, "reduce_scatter_tensor",
+                        lambda out, inp, async_op: FakeWork(events, "reduce_scatter", buckets[id(inp)]))
+    monkeypatch.setattr(tg.dist, "all_gather_into_tensor",
+                        lambda out, inp, async_op: events.append(("all_gather", buckets[id(out)]))
+                        or FakeWork(events, "all_gather", buckets[id(out)]))
+    reducer.finish()
+    reducer.done(order, 1.0)  # every parameter done, none read
+    reducer.apply()
+    count = len(reducer.widths)
+    assert sorted(b for kind, b in events if kind == "all_gather") == list(range(count))
+    for b in range(count):
+        assert events.index(("wait reduce_scatter", b)) < events.index(("all_gather", b)), b
+
 # -----------------------------------------------------------------------------
 # ShardedAdamW on 2 and 3 gloo processes: fp32 and bf16 parameters (the GPU's embeddings are bf16, the CPU's fp32)
 
