@@ -417,3 +417,23 @@ def test_step_profile_against_refuses_what_save_did_not_write(tmp_path, shards):
     r = bench_py("step_profile.py", "--save", str(tmp_path / "f.json"), "--kernels", "0",
                  TRAIN_FILES=str(shards / "syn_train_*.bin"))
     assert r.returncode == 2 and "leave --kernels above 0" in r.stderr, r.stderr
+
+
+def test_step_profile_against_refuses_now_what_the_table_could_not_print_later(tmp_path):
+    # the --against file goes into kind_table only after the GPU run: a file without the name, a kind's total or a
+    # number where the table wants one must be refused before, and what --save writes must be taken
+    kinds = dict.fromkeys(step_profile.KINDS, 0.5) | {"total": 4.5}
+    saved = {"name": "dense", "forward+backward": kinds, "optimizers": kinds,
+             "timed": {"forward+backward": 10.0, "optimizers": 1.0}}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(saved, indent=1))
+    assert step_profile.load_kinds(str(path)) == saved
+    broken = [{k: v for k, v in saved.items() if k != "name"},
+              saved | {"optimizers": {k: v for k, v in kinds.items() if k != "total"}},
+              saved | {"forward+backward": kinds | {"GEMM": "1.5"}},
+              saved | {"timed": {"forward+backward": None, "optimizers": 1.0}},
+              [saved]]
+    for bad in broken:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="not a bench/step_profile.py --save file"):
+            step_profile.load_kinds(str(path))
