@@ -107,8 +107,12 @@ def main():
         against = load_kinds(opts.against) if opts.against else None
         if (opts.save or opts.against) and opts.kernels <= 0:
             raise ValueError("--save and --against compare kernel profiles: leave --kernels above 0")
+        if opts.steps < 1:  # the medians need one timed step
+            raise ValueError(f"--steps {opts.steps}: time at least 1 step")
         if opts.save and not Path(opts.save).resolve().parent.is_dir():
             raise ValueError(f"--save {opts.save}: its folder does not exist; make it or give another path")
+        if opts.save and Path(opts.save).is_dir():
+            raise ValueError(f"--save {opts.save}: a folder; give the path of a file in it")
     except (tg.ConfigError, tg.DataError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
     if not torch.cuda.is_available():

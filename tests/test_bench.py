@@ -321,6 +321,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is fo
                  marks=NO_GPU),
     pytest.param("step_profile.py", [], "error: bench/step_profile.py times CUDA events: run it on a GPU",
                  marks=NO_GPU),
+    ("step_profile.py", ["--steps", "0"], "error: --steps 0: time at least 1 step"),
+    ("step_profile.py", ["--save", "bench"], "error: --save bench: a folder; give the path of a file in it"),
     ("moe_layer.py", ["--tokens", "-5"],
      "moe_layer.py: error: argument --tokens: '-5' must be a whole number, at least 1"),
     ("moe_layer.py", ["--configs", "8x2,4x8"], "moe_layer.py: error: argument --configs: '8x2,4x8' must be"),
