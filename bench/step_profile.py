@@ -29,7 +29,7 @@ KINDS = ("GEMM", "attention", "gather/scatter", "elementwise/reduction", "train_
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    fused = re.match(r"triton_(poi|per|red|tem)_fused_?(.*)", low)
+    fused = re.match(r"triton_([a-z]{3})_fused_?(.*)", low)  # Inductor's category, cut to 3 letters (poi, for, spl)
     if "nccl" in low:
         return "NCCL"
     if "flex_attention" in low or "flash" in low:

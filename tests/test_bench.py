@@ -380,6 +380,16 @@ def test_step_profile_sorts_kernels_by_kind(name, kind):
     assert step_profile.kernel_kind(name) == kind
 
 
+def test_step_profile_knows_every_kind_of_inductor_kernel():
+    # Inductor names a kernel triton_<its category's first 3 letters>_fused_<ops>_<n> (foreach: for, split_scan: spl)
+    from torch._inductor.wrapper_benchmark import _kernel_category_choices
+    for category in (*_kernel_category_choices, "unknown"):
+        want = "GEMM" if category == "template" else "elementwise/reduction"
+        assert step_profile.kernel_kind(f"triton_{category[:3]}_fused_add_mul_0") == want, category
+        assert step_profile.kernel_kind(f"triton_{category[:3]}_fused_index_mul_1") == (
+            "GEMM" if category == "template" else "gather/scatter"), category
+
+
 def test_step_profile_knows_every_triton_kernel_of_train_gpt():
     jitted = {name for name in step_profile.OWN_KERNELS if hasattr(train_gpt, name)} if train_gpt.triton else set()
     assert {"gram_kernel", "gather_rows_kernel", "scatter_rows_kernel", "weight_grad_kernel"} <= step_profile.OWN_KERNELS
