@@ -68,9 +68,9 @@ def kind_table(this: dict, against: dict | None = None) -> list[str]:
 
     def line(label: str, values: list[list[float]]) -> str:  # values[run][part]
         cells = [v for run in values for v in run] + ([sum(values[0]) - sum(values[1])] if against else [])
-        return f"{label:<24}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths))
+        return f"{label:<26}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths))
 
-    lines = [f"{'kernel kind (ms per step)':<24}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
+    lines = [f"{'kernel kind (ms per step)':<26}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
     lines += [line(kind, [[run[p][kind] for p in parts] for run in runs]) for kind in (*KINDS, "total")]
     # the parts' median times by CUDA events: above the kernel total by the gaps between kernels
     lines.append(line("timed (CUDA events)", [[run["timed"][p] for p in parts] for run in runs]))

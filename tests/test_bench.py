@@ -408,6 +408,7 @@ def test_step_profile_kind_table_sums_per_step_and_differences():
     base = {"name": "dense", "forward+backward": dense, "optimizers": dense,
             "timed": {"forward+backward": 10.0, "optimizers": 0.75}}
     lines = step_profile.kind_table(this, base)
+    assert len({len(line) for line in lines}) == 1, lines  # the header's columns over the numbers'
     assert lines[0].split() == ["kernel", "kind", "(ms", "per", "step)", "E32top4+1", "forward+backward", "E32top4+1",
                                 "optimizers", "dense", "forward+backward", "dense", "optimizers", "step", "difference"]
     gemm = lines[1 + step_profile.KINDS.index("GEMM")].split()
