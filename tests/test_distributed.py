@@ -313,21 +313,24 @@ train_gpt.main()
 """
 
 
-def test_every_read_of_a_reduced_gradient_waits_for_its_bucket(shards, tmp_path):
-    # 2 ranks, the reduce-scatters landing only when waited for (NaN until then): the optimizers must read each
-    # bucket after its wait, so the run trains exactly as with the reduce-scatters landing at once
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_read_of_a_reduced_gradient_waits_for_its_bucket(shards, tmp_path, world):
+    # 2 and 3 ranks (uneven shares) of 2 micro-steps, the reduce-scatters landing only when waited for (NaN until
+    # then): the optimizers must read each bucket after its wait, so the run trains exactly as with plain ones
     settings = dict(NUM_EXPERTS=3, TOP_K=2, EXPERT_HIDDEN=256, SHARED_EXPERTS=1, MOE_LAYERS=1, BUCKET_MB=1,
-                    TRAIN_BATCH_TOKENS=1024, NUM_ITERATIONS=4, VAL_LOSS_EVERY=2, GRAD_REDUCE="reduce_scatter_fp32")
+                    TRAIN_BATCH_TOKENS=512 * world, VAL_SEQ_LEN=256, VAL_TOKENS=1536, NUM_ITERATIONS=4,
+                    VAL_LOSS_EVERY=2, GRAD_REDUCE="reduce_scatter_fp32")
     script = tmp_path / "late.py"
     script.write_text(LATE_WORKER.format(root=str(ROOT)))
-    late = launch(script, tiny_env(shards, tmp_path / "late", **settings), 2, cwd=tmp_path)
+    late = launch(script, tiny_env(shards, tmp_path / "late", **settings), world, cwd=tmp_path)
     assert late.returncode == 0, late.stderr[-3000:]
     counts = [int(n) for n in re.findall(r"late reduce-scatters: (\d+)", late.stdout)]
-    assert len(counts) == 2 and counts[0] == counts[1] > 4 and counts[0] % 4 == 0, late.stdout[-3000:]  # buckets x 4
-    plain = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path / "plain", **settings), 2, cwd=tmp_path)
+    assert len(counts) == world and len(set(counts)) == 1 and counts[0] > 4 and counts[0] % 4 == 0, late.stdout
+    plain = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path / "plain", **settings), world, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     losses = val_losses((tmp_path / "late" / "logs" / "tiny.txt").read_text())
     assert losses == val_losses((tmp_path / "plain" / "logs" / "tiny.txt").read_text()) and len(losses) == 3
+
 
 # -----------------------------------------------------------------------------
 # ShardedAdamW on 2 and 3 gloo processes: fp32 and bf16 parameters (the GPU's embeddings are bf16, the CPU's fp32)
