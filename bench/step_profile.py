@@ -29,7 +29,7 @@ KINDS = ("GEMM", "attention", "gather/scatter", "elementwise/reduction", "train_
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    fused = re.match(r"triton_(poi|per|red|tem)_fused_?(.*)", low)
+    fused = re.match(r"triton_([a-z]{3})_fused_?(.*)", low)  # Inductor's category, cut to 3 letters (poi, for, spl)
     if "nccl" in low:
         return "NCCL"
     if "flex_attention" in low or "flash" in low:
@@ -68,9 +68,9 @@ def kind_table(this: dict, against: dict | None = None) -> list[str]:
 
     def line(label: str, values: list[list[float]]) -> str:  # values[run][part]
         cells = [v for run in values for v in run] + ([sum(values[0]) - sum(values[1])] if against else [])
-        return f"{label:<24}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths))
+        return f"{label:<26}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths))
 
-    lines = [f"{'kernel kind (ms per step)':<24}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
+    lines = [f"{'kernel kind (ms per step)':<26}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths))]
     lines += [line(kind, [[run[p][kind] for p in parts] for run in runs]) for kind in (*KINDS, "total")]
     # the parts' median times by CUDA events: above the kernel total by the gaps between kernels
     lines.append(line("timed (CUDA events)", [[run["timed"][p] for p in parts] for run in runs]))
@@ -83,11 +83,11 @@ def load_kinds(path: str) -> dict:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--against {path}: {e}; give a file written by bench/step_profile.py --save") from None
-    parts = ("forward+backward", "optimizers")
-    wanted = {p: set(KINDS) for p in parts} | {"timed": set(parts)}
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) and keys <= set(saved[k])
-                                              for k, keys in wanted.items()):
-        raise ValueError(f"--against {path}: not a bench/step_profile.py --save file (its kernel kinds are missing)")
+    try:  # the table it goes into reads it now, not after the GPU run
+        kind_table(saved)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--against {path}: not a bench/step_profile.py --save file (its name, kernel kinds or "
+                         f"times missing or not numbers: {type(e).__name__} {e})") from None
     return saved
 
 
@@ -107,8 +107,12 @@ def main():
         against = load_kinds(opts.against) if opts.against else None
         if (opts.save or opts.against) and opts.kernels <= 0:
             raise ValueError("--save and --against compare kernel profiles: leave --kernels above 0")
+        if opts.steps < 1:  # the medians need one timed step
+            raise ValueError(f"--steps {opts.steps}: time at least 1 step")
         if opts.save and not Path(opts.save).resolve().parent.is_dir():
             raise ValueError(f"--save {opts.save}: its folder does not exist; make it or give another path")
+        if opts.save and Path(opts.save).is_dir():
+            raise ValueError(f"--save {opts.save}: a folder; give the path of a file in it")
     except (tg.ConfigError, tg.DataError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
     if not torch.cuda.is_available():

@@ -321,6 +321,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is fo
                  marks=NO_GPU),
     pytest.param("step_profile.py", [], "error: bench/step_profile.py times CUDA events: run it on a GPU",
                  marks=NO_GPU),
+    ("step_profile.py", ["--steps", "0"], "error: --steps 0: time at least 1 step"),
+    ("step_profile.py", ["--save", "bench"], "error: --save bench: a folder; give the path of a file in it"),
     ("moe_layer.py", ["--tokens", "-5"],
      "moe_layer.py: error: argument --tokens: '-5' must be a whole number, at least 1"),
     ("moe_layer.py", ["--configs", "8x2,4x8"], "moe_layer.py: error: argument --configs: '8x2,4x8' must be"),
@@ -378,6 +380,16 @@ def test_step_profile_sorts_kernels_by_kind(name, kind):
     assert step_profile.kernel_kind(name) == kind
 
 
+def test_step_profile_knows_every_kind_of_inductor_kernel():
+    # Inductor names a kernel triton_<its category's first 3 letters>_fused_<ops>_<n> (foreach: for, split_scan: spl)
+    from torch._inductor.wrapper_benchmark import _kernel_category_choices
+    for category in (*_kernel_category_choices, "unknown"):
+        want = "GEMM" if category == "template" else "elementwise/reduction"
+        assert step_profile.kernel_kind(f"triton_{category[:3]}_fused_add_mul_0") == want, category
+        assert step_profile.kernel_kind(f"triton_{category[:3]}_fused_index_mul_1") == (
+            "GEMM" if category == "template" else "gather/scatter"), category
+
+
 def test_step_profile_knows_every_triton_kernel_of_train_gpt():
     jitted = {name for name in step_profile.OWN_KERNELS if hasattr(train_gpt, name)} if train_gpt.triton else set()
     assert {"gram_kernel", "gather_rows_kernel", "scatter_rows_kernel", "weight_grad_kernel"} <= step_profile.OWN_KERNELS
@@ -396,6 +408,7 @@ def test_step_profile_kind_table_sums_per_step_and_differences():
     base = {"name": "dense", "forward+backward": dense, "optimizers": dense,
             "timed": {"forward+backward": 10.0, "optimizers": 0.75}}
     lines = step_profile.kind_table(this, base)
+    assert len({len(line) for line in lines}) == 1, lines  # the header's columns over the numbers'
     assert lines[0].split() == ["kernel", "kind", "(ms", "per", "step)", "E32top4+1", "forward+backward", "E32top4+1",
                                 "optimizers", "dense", "forward+backward", "dense", "optimizers", "step", "difference"]
     gemm = lines[1 + step_profile.KINDS.index("GEMM")].split()
@@ -417,3 +430,23 @@ def test_step_profile_against_refuses_what_save_did_not_write(tmp_path, shards):
     r = bench_py("step_profile.py", "--save", str(tmp_path / "f.json"), "--kernels", "0",
                  TRAIN_FILES=str(shards / "syn_train_*.bin"))
     assert r.returncode == 2 and "leave --kernels above 0" in r.stderr, r.stderr
+
+
+def test_step_profile_against_refuses_now_what_the_table_could_not_print_later(tmp_path):
+    # the --against file goes into kind_table only after the GPU run: a file without the name, a kind's total or a
+    # number where the table wants one must be refused before, and what --save writes must be taken
+    kinds = dict.fromkeys(step_profile.KINDS, 0.5) | {"total": 4.5}
+    saved = {"name": "dense", "forward+backward": kinds, "optimizers": kinds,
+             "timed": {"forward+backward": 10.0, "optimizers": 1.0}}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(saved, indent=1))
+    assert step_profile.load_kinds(str(path)) == saved
+    broken = [{k: v for k, v in saved.items() if k != "name"},
+              saved | {"optimizers": {k: v for k, v in kinds.items() if k != "total"}},
+              saved | {"forward+backward": kinds | {"GEMM": "1.5"}},
+              saved | {"timed": {"forward+backward": None, "optimizers": 1.0}},
+              [saved]]
+    for bad in broken:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="not a bench/step_profile.py --save file"):
+            step_profile.load_kinds(str(path))

@@ -261,6 +261,77 @@ def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkey
     assert (first_gather < events.index(("wait reduce_scatter", count - 1))) == (bucket_mb == 1)
 
 
+
+def test_a_bucket_is_gathered_only_after_its_reduce_scatter_arrived_even_unread(monkeypatch):
+    # a rank that reads nothing of a bucket (its stream ends before it, or it owns none of the bucket's parameters)
+    # never waits in reduced(): gather() must wait itself, as the all_gather lands in the reduce-scatter's input
+    args = dataclasses.replace(tiny_gpt_args(), grad_reduce="reduce_scatter", bucket_mb=1)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args, 0, 2, torch.device("cpu"))
+    ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
+    order = tg.optimizer_order(optimizers)
+    reducer = tg.GradientReducer(order, ranges, 0, 2, torch.bfloat16, 1 << 20)
+    events = []
+    buckets = {id(t): b for b, t in enumerate(reducer.inputs)}
+    monkeypatch.setattr(tg.dist, "reduce_scatter_tensor",
+                        lambda out, inp, async_op: FakeWork(events, "reduce_scatter", buckets[id(inp)]))
+    monkeypatch.setattr(tg.dist, "all_gather_into_tensor",
+                        lambda out, inp, async_op: events.append(("all_gather", buckets[id(out)]))
+                        or FakeWork(events, "all_gather", buckets[id(out)]))
+    reducer.finish()
+    reducer.done(order, 1.0)  # every parameter done, none read
+    reducer.apply()
+    count = len(reducer.widths)
+    assert sorted(b for kind, b in events if kind == "all_gather") == list(range(count))
+    for b in range(count):
+        assert events.index(("wait reduce_scatter", b)) < events.index(("all_gather", b)), b
+
+
+LATE_WORKER = """
+import atexit, sys, torch
+sys.path.insert(0, {root!r})
+import train_gpt
+issue, late = train_gpt.dist.reduce_scatter_tensor, []
+
+
+class Late:
+    # a reduce-scatter whose output lands only when it is waited for: what reads it before finds NaN
+    def __init__(self, out, inp):
+        self.out, self.landing = out, torch.empty_like(out)
+        self.work = issue(self.landing, inp, async_op=True)
+        out.fill_(float("nan"))
+        late.append(self)
+
+    def wait(self):
+        self.work.wait()
+        self.out.copy_(self.landing)
+
+
+train_gpt.dist.reduce_scatter_tensor = lambda out, inp, async_op: Late(out, inp)
+atexit.register(lambda: print(f"late reduce-scatters: {{len(late)}}"))
+train_gpt.main()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_read_of_a_reduced_gradient_waits_for_its_bucket(shards, tmp_path, world):
+    # 2 and 3 ranks (uneven shares) of 2 micro-steps, the reduce-scatters landing only when waited for (NaN until
+    # then): the optimizers must read each bucket after its wait, so the run trains exactly as with plain ones
+    settings = dict(NUM_EXPERTS=3, TOP_K=2, EXPERT_HIDDEN=256, SHARED_EXPERTS=1, MOE_LAYERS=1, BUCKET_MB=1,
+                    TRAIN_BATCH_TOKENS=512 * world, VAL_SEQ_LEN=256, VAL_TOKENS=1536, NUM_ITERATIONS=4,
+                    VAL_LOSS_EVERY=2, GRAD_REDUCE="reduce_scatter_fp32")
+    script = tmp_path / "late.py"
+    script.write_text(LATE_WORKER.format(root=str(ROOT)))
+    late = launch(script, tiny_env(shards, tmp_path / "late", **settings), world, cwd=tmp_path)
+    assert late.returncode == 0, late.stderr[-3000:]
+    counts = [int(n) for n in re.findall(r"late reduce-scatters: (\d+)", late.stdout)]
+    assert len(counts) == world and len(set(counts)) == 1 and counts[0] > 4 and counts[0] % 4 == 0, late.stdout
+    plain = launch(ROOT / "train_gpt.py", tiny_env(shards, tmp_path / "plain", **settings), world, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    losses = val_losses((tmp_path / "late" / "logs" / "tiny.txt").read_text())
+    assert losses == val_losses((tmp_path / "plain" / "logs" / "tiny.txt").read_text()) and len(losses) == 3
+
+
 # -----------------------------------------------------------------------------
 # ShardedAdamW on 2 and 3 gloo processes: fp32 and bf16 parameters (the GPU's embeddings are bf16, the CPU's fp32)
 
