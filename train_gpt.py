@@ -671,10 +671,10 @@ class GradientReducer:
     # p += alpha * piece, or p = piece where alpha is None. So the gather sends what the reduce-scatter receives.
     # The compiled model's backward is one graph whose gradients are all final at its end (DDP's graph splitter,
     # which would cut it, left FlexAttention uncompiled on an H200: the warmup did not finish in 6 minutes), so the
-    # buckets go out back to back after it; the trainer lays them out in the order the optimizers read them
+    # buckets go out back to back after it; there the trainer lays them out in the order the optimizers read them
     # (optimizer_order), so Adam steps once its buckets are in and each Muon group once its own are, while the later
-    # buckets are still reduced (eager, where gradients are final layer by layer, gradient_order would send them
-    # sooner, under the backward; the speedrun compiles). The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
+    # buckets are still reduced. Eager, where gradients are final layer by layer, it keeps gradient_order: each
+    # bucket goes out under the rest of the backward. The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
     # (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
@@ -2055,12 +2055,15 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
             f"top-{moes[0][1].k}, router {args.router}, {args.shared_experts} shared, "
             f"{'triton' if moes[0][1].uses_triton(device) else 'torch'} kernels")
     optimizers = build_optimizers(model, args, rank, world_size, device)
+    compiled = args.compile and device.type == "cuda"
     reducer = None
     if world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES:
         ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
-        reducer = GradientReducer(optimizer_order(optimizers), ranges, rank, world_size,
-                                  GRAD_REDUCE_DTYPES[args.grad_reduce], args.bucket_mb << 20)
-    compiled = args.compile and device.type == "cuda"
+        # compiled, every gradient is final at the backward's end: buckets in the optimizers' order let them start on
+        # the first ones in; eager, gradient order sends each bucket under the rest of the backward
+        order = optimizer_order(optimizers) if compiled else gradient_order(model)
+        reducer = GradientReducer(order, ranges, rank, world_size, GRAD_REDUCE_DTYPES[args.grad_reduce],
+                                  args.bucket_mb << 20)
     if device.type == "cuda" and not compiled:
         attention_kernel = torch.compile(flex_attention, dynamic=False)
     step_model = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model

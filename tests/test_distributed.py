@@ -309,19 +309,24 @@ class Late:
 
 train_gpt.dist.reduce_scatter_tensor = lambda out, inp, async_op: Late(out, inp)
 atexit.register(lambda: print(f"late reduce-scatters: {{len(late)}}"))
+if {optimizer_order!r}:  # the compiled model's layout (the CPU runs eager, whose layout is gradient order)
+    build, Reducer, built = train_gpt.build_optimizers, train_gpt.GradientReducer, []
+    train_gpt.build_optimizers = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    train_gpt.GradientReducer = lambda params, *a: Reducer(train_gpt.optimizer_order(built[-1]), *a)
 train_gpt.main()
 """
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_read_of_a_reduced_gradient_waits_for_its_bucket(shards, tmp_path, world):
+@pytest.mark.parametrize("world,optimizer_order", [(2, False), (3, False), (2, True)])
+def test_every_read_of_a_reduced_gradient_waits_for_its_bucket(shards, tmp_path, world, optimizer_order):
     # 2 and 3 ranks (uneven shares) of 2 micro-steps, the reduce-scatters landing only when waited for (NaN until
-    # then): the optimizers must read each bucket after its wait, so the run trains exactly as with plain ones
+    # then): the optimizers must read each bucket after its wait, so the run trains exactly as with plain ones; in
+    # gradient order (eager) and in the optimizers' order (compiled)
     settings = dict(NUM_EXPERTS=3, TOP_K=2, EXPERT_HIDDEN=256, SHARED_EXPERTS=1, MOE_LAYERS=1, BUCKET_MB=1,
                     TRAIN_BATCH_TOKENS=512 * world, VAL_SEQ_LEN=256, VAL_TOKENS=1536, NUM_ITERATIONS=4,
                     VAL_LOSS_EVERY=2, GRAD_REDUCE="reduce_scatter_fp32")
     script = tmp_path / "late.py"
-    script.write_text(LATE_WORKER.format(root=str(ROOT)))
+    script.write_text(LATE_WORKER.format(root=str(ROOT), optimizer_order=optimizer_order))
     late = launch(script, tiny_env(shards, tmp_path / "late", **settings), world, cwd=tmp_path)
     assert late.returncode == 0, late.stderr[-3000:]
     counts = [int(n) for n in re.findall(r"late reduce-scatters: (\d+)", late.stdout)]
