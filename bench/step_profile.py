@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg
@@ -47,6 +48,13 @@ def kernel_kind(name: str) -> str:
     if "memcpy" in low or "memset" in low:
         return "copy/memset"
     return "gather/scatter" if re.search(r"index|gather|scatter", low) else "other"
+
+
+def kernel_rows(events) -> list[tuple[str, float]]:
+    # (name, GPU microseconds) of the profiler's averaged events that are GPU work, as torch's own table totals them:
+    # kernels, copies and memsets, not the annotations of user ranges that cover them
+    return [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
 
 
 def kinds_per_step(rows, steps: int) -> dict[str, float]:
@@ -184,8 +192,7 @@ def main():
                 for _ in range(steps):
                     fn()
                 torch.cuda.synchronize()
-            rows = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.self_device_time_total > 0]
-            return kinds_per_step(rows, steps), prof
+            return kinds_per_step(kernel_rows(prof.key_averages()), steps), prof
 
         def fwd_bwd_alone():
             fwd_bwd()

@@ -396,6 +396,19 @@ def test_step_profile_knows_every_triton_kernel_of_train_gpt():
     assert not train_gpt.triton or jitted == step_profile.OWN_KERNELS
 
 
+def test_step_profile_counts_gpu_work_once():
+    # a user range's annotation on the GPU timeline covers kernels already counted; CPU-side rows have no GPU time
+    from types import SimpleNamespace as Event
+    from torch.autograd import DeviceType
+    events = [Event(key="nvjet_sm90_x", device_type=DeviceType.CUDA, self_device_time_total=30.0),
+              Event(key="## forward ##", device_type=DeviceType.CUDA, self_device_time_total=30.0,
+                    is_user_annotation=True),
+              Event(key="cudaLaunchKernel", device_type=DeviceType.CPU, self_device_time_total=0.0),
+              Event(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=30.0),
+              Event(key="Memset (Device)", device_type=DeviceType.CUDA, self_device_time_total=2.0)]
+    assert step_profile.kernel_rows(events) == [("nvjet_sm90_x", 30.0), ("Memset (Device)", 2.0)]
+
+
 def test_step_profile_kind_table_sums_per_step_and_differences():
     rows = [(name, 3000.0 * (i + 1)) for i, (name, _) in enumerate(PROFILED_KERNELS)]  # microseconds over 3 steps
     moe = step_profile.kinds_per_step(rows, 3)
