@@ -674,8 +674,8 @@ class GradientReducer:
     # buckets go out back to back after it; there the trainer lays them out in the order the optimizers read them
     # (optimizer_order), so Adam steps once its buckets are in and each Muon group once its own are, while the later
     # buckets are still reduced. Eager, where gradients are final layer by layer, it keeps gradient_order: each
-    # bucket goes out under the rest of the backward. The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's partitions
-    # (Rajbhandari et al. 2020).
+    # bucket goes out under the rest of the backward. The idea is PyTorch DDP's buckets (Li et al. 2020) with ZeRO's
+    # partitions (Rajbhandari et al. 2020).
     def __init__(self, params: list[Tensor], ranges: dict, rank: int, world_size: int, dtype: torch.dtype,
                  bucket_bytes: int):
         self.ranges = ranges
@@ -2059,9 +2059,7 @@ def train(args: Hyperparameters, rank: int, world_size: int, device: torch.devic
     reducer = None
     if world_size > 1 and args.grad_reduce in GRAD_REDUCE_DTYPES:
         ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
-        # compiled, every gradient is final at the backward's end: buckets in the optimizers' order let them start on
-        # the first ones in; eager, gradient order sends each bucket under the rest of the backward
-        order = optimizer_order(optimizers) if compiled else gradient_order(model)
+        order = optimizer_order(optimizers) if compiled else gradient_order(model)  # why: GradientReducer's comment
         reducer = GradientReducer(order, ranges, rank, world_size, GRAD_REDUCE_DTYPES[args.grad_reduce],
                                   args.bucket_mb << 20)
     if device.type == "cuda" and not compiled:
