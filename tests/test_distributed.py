@@ -214,18 +214,15 @@ class FakeWork:
         self.events.append(("wait " + self.kind, self.b))
 
 
-@pytest.mark.parametrize("bucket_mb", [1, 4])
-def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkeypatch, bucket_mb):
-    # rank 0 of 2 with the collectives faked (they record when they are issued and waited): the compiled backward
-    # finishes every gradient at once, so finish() sends all buckets; then the optimizers must wait for them one by
-    # one, in order, as they read them (the buckets laid out in optimizer_order), not all before the first step
+def faked_reducer(monkeypatch, bucket_mb: int):
+    # rank 0 of 2 on the tiny MoE model, its reducer laid out in optimizer_order, with the collectives faked: they
+    # record when each bucket's reduce-scatter and all_gather are issued and waited, and copy rank 0's part
     args = dataclasses.replace(tiny_gpt_args(), grad_reduce="reduce_scatter", bucket_mb=bucket_mb)
     torch.manual_seed(0)
     model = tg.GPT(args)
     optimizers = tg.build_optimizers(model, args, 0, 2, torch.device("cpu"))
     ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
     order = tg.optimizer_order(optimizers)
-    assert sorted(map(id, order)) == sorted(id(p) for p in model.parameters())  # every parameter once
     reducer = tg.GradientReducer(order, ranges, 0, 2, torch.bfloat16, bucket_mb << 20)
     events, buckets = [], {}
     buckets.update({id(out): b for b, out in enumerate(reducer.outputs)})
@@ -243,6 +240,16 @@ def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkey
 
     monkeypatch.setattr(tg.dist, "reduce_scatter_tensor", reduce_scatter)
     monkeypatch.setattr(tg.dist, "all_gather_into_tensor", all_gather)
+    return model, optimizers, order, reducer, events
+
+
+@pytest.mark.parametrize("bucket_mb", [1, 4])
+def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkeypatch, bucket_mb):
+    # the compiled backward finishes every gradient at once, so finish() sends all buckets; then the optimizers must
+    # wait for them one by one, in order, as they read them (the buckets laid out in optimizer_order), not all before
+    # the first step
+    model, optimizers, order, reducer, events = faked_reducer(monkeypatch, bucket_mb)
+    assert sorted(map(id, order)) == sorted(id(p) for p in model.parameters())  # every parameter once
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     reducer.finish()
@@ -261,23 +268,10 @@ def test_optimizers_start_on_the_first_buckets_while_the_rest_are_reduced(monkey
     assert (first_gather < events.index(("wait reduce_scatter", count - 1))) == (bucket_mb == 1)
 
 
-
 def test_a_bucket_is_gathered_only_after_its_reduce_scatter_arrived_even_unread(monkeypatch):
     # a rank that reads nothing of a bucket (its stream ends before it, or it owns none of the bucket's parameters)
     # never waits in reduced(): gather() must wait itself, as the all_gather lands in the reduce-scatter's input
-    args = dataclasses.replace(tiny_gpt_args(), grad_reduce="reduce_scatter", bucket_mb=1)
-    model = tg.GPT(args)
-    optimizers = tg.build_optimizers(model, args, 0, 2, torch.device("cpu"))
-    ranges = {k: v for opt in optimizers for k, v in opt.ranges.items()}
-    order = tg.optimizer_order(optimizers)
-    reducer = tg.GradientReducer(order, ranges, 0, 2, torch.bfloat16, 1 << 20)
-    events = []
-    buckets = {id(t): b for b, t in enumerate(reducer.inputs)}
-    monkeypatch.setattr(tg.dist, "reduce_scatter_tensor",
-                        lambda out, inp, async_op: FakeWork(events, "reduce_scatter", buckets[id(inp)]))
-    monkeypatch.setattr(tg.dist, "all_gather_into_tensor",
-                        lambda out, inp, async_op: events.append(("all_gather", buckets[id(out)]))
-                        or FakeWork(events, "all_gather", buckets[id(out)]))
+    _, _, order, reducer, events = faked_reducer(monkeypatch, 1)
     reducer.finish()
     reducer.done(order, 1.0)  # every parameter done, none read
     reducer.apply()
