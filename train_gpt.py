@@ -682,7 +682,7 @@ class GradientReducer:
         streams = [[(p, *ranges[id(p)][r]) for p in params if ranges[id(p)][r][1] > ranges[id(p)][r][0]]
                    for r in range(world_size)]
         longest = max(sum(e - s for _, s, e in stream) for stream in streams)
-        step = max(1, bucket_bytes // (4 * world_size))
+        self.step = step = max(1, bucket_bytes // (4 * world_size))  # elements of a rank's stream per bucket
         self.widths = [min(step, longest - start) for start in range(0, longest, step)]
         device = params[0].device
         self.received = torch.zeros(longest, dtype=dtype, device=device)  # this rank's stream, summed
@@ -696,13 +696,12 @@ class GradientReducer:
         self.gathered = self.inputs
         # per bucket: (param, its flat range, the piece of the bucket's input, of what is gathered, of the param)
         self.packs = [[] for _ in self.widths]
-        self.views, self.holding, members = {}, {}, [{} for _ in self.widths]
+        self.views, members = {}, [{} for _ in self.widths]
         for r, stream in enumerate(streams):
             t = 0  # position in rank r's stream
             for p, s, e in stream:
                 if r == rank:
                     self.views[id(p)] = (t, t + e - s)
-                    self.holding[id(p)] = range(t // step, (t + e - s - 1) // step + 1)  # buckets of its view
                 while s < e:  # a range split where buckets meet
                     b = t // step
                     k = min(e - s, (b + 1) * step - t)
@@ -748,9 +747,10 @@ class GradientReducer:
             self.arrived[b] = True
 
     def reduced(self, p: Tensor) -> Tensor:
-        for b in self.holding[id(p)]:
+        start, end = self.views[id(p)]
+        for b in range(start // self.step, (end - 1) // self.step + 1):  # the buckets its view spans
             self.wait_reduced(b)
-        return self.received[slice(*self.views[id(p)])]
+        return self.received[start:end]
 
     def result(self, p: Tensor) -> Tensor:
         return self.results[slice(*self.views[id(p)])]
